@@ -1,0 +1,204 @@
+"""The run configuration: one frozen dataclass whose field names are the sweep parameter names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ablation.errors import ConfigError
+
+# Valid values of every categorical setting; the error for a bad value lists these.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "activation": ("sigmoid", "tanh", "scaled_tanh", "relu", "leaky_relu", "elu", "gelu", "silu"),
+    "pooling": ("avg", "max"),
+    "norm": ("none", "batch"),
+    "init": ("default", "lecun_normal", "xavier_uniform", "xavier_normal",
+             "kaiming_uniform", "kaiming_normal", "orthogonal"),
+    "optimizer": ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"),
+    "schedule": ("constant", "step", "cosine", "onecycle"),
+    "augment": ("none", "flip", "crop", "crop_flip"),
+    "data": ("auto", "cifar10", "folder", "synthetic"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "preset": ("modern", "classic"),
+}
+
+# Numeric ranges as (low, high, high_inclusive); low is always inclusive.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "dropout": (0.0, 1.0, False),
+    "lr": (1e-12, float("inf"), False),
+    "momentum": (0.0, 1.0, False),
+    "weight_decay": (0.0, float("inf"), False),
+    "l1": (0.0, float("inf"), False),
+    "warmup_epochs": (0.0, float("inf"), False),
+    "label_smoothing": (0.0, 1.0, False),
+    "grad_clip": (0.0, float("inf"), False),
+    "batch_size": (1, float("inf"), False),
+    "epochs": (1, float("inf"), False),
+    "early_stopping": (0, float("inf"), False),
+    "val_size": (0, float("inf"), False),
+    "threads": (0, float("inf"), False),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one training run; the defaults are the `modern` preset."""
+
+    # Model: LeNet-5's shape is fixed (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc 10).
+    activation: str = "relu"
+    pooling: str = "max"
+    norm: str = "batch"  # batch norm after every conv and hidden fc layer
+    dropout: float = 0.0  # probability, on the two hidden fc layers
+    init: str = "kaiming_normal"
+    # Optimisation.
+    optimizer: str = "nesterov"
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # used by momentum and nesterov
+    weight_decay: float = 5e-4  # on conv/fc weights only; coupled L2 except adamw (decoupled)
+    l1: float = 0.0  # coefficient of sum(|w|) over conv/fc weights, added to the loss
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # max global gradient L2 norm; 0 = off
+    batch_size: int = 256
+    epochs: int = 30
+    early_stopping: int = 0  # patience in epochs on val loss; 0 = off
+    # Data.
+    augment: str = "crop_flip"  # crop = reflect-pad 4 px then random 32x32 crop
+    val_size: int = 5000  # images held out of the training set for validation
+    split_seed: int = 0  # fixes which images are held out, independent of `seed`
+    data: str = "auto"
+    data_dir: str = ""  # empty: $LENET_DATA_DIR or ~/.cache/lenet
+    # Run.
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    threads: int = 0  # CPU threads; 0 = the cores this process may use
+    preset: str = "modern"  # the base the other settings override
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_value(f.name, getattr(self, f.name))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build a config: the preset named in `values` (default modern), then the other values."""
+        values = dict(values)
+        unknown = sorted(set(values) - set(FIELD_TYPES))
+        if unknown:
+            raise ConfigError(_unknown_message(unknown))
+        preset = str(values.get("preset", "modern"))
+        _check_value("preset", preset)
+        merged = {**PRESETS[preset], **values, "preset": preset}
+        return cls(**{k: _coerce(k, v) for k, v in merged.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict that goes to W&B and into every checkpoint."""
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES: dict[str, type] = {f.name: {"str": str, "int": int, "float": float}[f.type]
+                                for f in fields(RunConfig)}
+
+# Presets set every technique explicitly, so a preset never silently inherits another's choice.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The best recipe found within LeNet-5's shape (see docs/results.md for how it was chosen).
+    "modern": {f.name: f.default for f in fields(RunConfig)
+               if f.name not in ("data", "data_dir", "device", "precision", "threads", "seed",
+                                 "val_size", "split_seed", "preset")},
+    # Close to LeCun et al. 1998 within LeNet-5's shape: scaled tanh, average pooling, plain SGD,
+    # LeCun's fan-in init, no augmentation or regularisation, a constant learning rate.
+    "classic": {
+        "activation": "scaled_tanh", "pooling": "avg", "norm": "none", "dropout": 0.0,
+        "init": "lecun_normal", "optimizer": "sgd", "lr": 0.02, "momentum": 0.0,
+        "weight_decay": 0.0, "l1": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+        "label_smoothing": 0.0, "grad_clip": 0.0, "batch_size": 32, "epochs": 30,
+        "early_stopping": 0, "augment": "none",
+    },
+}
+
+
+def _unknown_message(unknown: list[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"unknown run setting {', '.join(hints)}; valid settings: "
+            f"{', '.join(FIELD_TYPES)} (see `lenet params`)")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert strings from the command line and numpy scalars from sweeps to the field's type."""
+    kind = FIELD_TYPES[key]
+    try:
+        if kind is str:
+            return str(value)
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return float(value)
+    except (TypeError, ValueError):
+        example = RunConfig.__dataclass_fields__[key].default
+        raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}; "
+                          f"give {'a whole' if kind is int else 'a'} number, e.g. {key}={example}") from None
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(CHOICES[key])}")
+    if key in RANGES:
+        low, high, inclusive = RANGES[key]
+        if not (low <= value < high or (inclusive and value == high)):
+            upper = f"<= {high}" if inclusive else f"< {high}"
+            raise ConfigError(f"{key}={value!r} is out of range; it must be >= {low} and {upper}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Turn `key=value` words (as W&B's ${args_no_hyphens} emits them, or --key=value) into a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"cannot read {item!r}: write settings as key=value, e.g. lr=0.01")
+        out[key] = value
+    return out
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of settings (W&B's `{value: x}` entries are unwrapped)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the path") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({_first_line(exc)}); fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of setting: value, e.g. 'lr: 0.01'")
+    return {k: (v["value"] if isinstance(v, dict) and "value" in v else v)
+            for k, v in data.items() if not str(k).startswith("_")}
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, allowed values) of every setting, for `lenet params`."""
+    rows = []
+    for f in fields(RunConfig):
+        allowed = ", ".join(CHOICES.get(f.name, ()))
+        if f.name in RANGES:
+            low, high, inc = RANGES[f.name]
+            allowed = f">= {low}" + ("" if high == float("inf") else f", {'<=' if inc else '<'} {high}")
+        rows.append((f.name, FIELD_TYPES[f.name].__name__, repr(f.default), allowed))
+    return rows

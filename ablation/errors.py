@@ -1,0 +1,17 @@
+"""The small error hierarchy: every error a user can cause is a `LenetError` with a message that says the fix."""
+
+
+class LenetError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class ConfigError(LenetError):
+    """An unknown run setting, a bad value, or an unreadable config file."""
+
+
+class DataError(LenetError):
+    """Missing, truncated or corrupt dataset files, or a download that failed."""
+
+
+class CheckpointError(LenetError):
+    """A checkpoint that is missing, unreadable or incompatible with this version."""

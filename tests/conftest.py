@@ -1,0 +1,81 @@
+"""Tiny CIFAR-10-shaped datasets generated in the official formats, so tests use the real loaders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import write_png
+
+from ablation.data import CIFAR10_CLASSES
+
+TRAIN_PER_CLASS = 16
+TEST_PER_CLASS = 4
+
+
+def make_images(n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x 3 x 32 x 32 images whose class is learnable (a class colour plus noise)."""
+    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(123).integers(0, 256, (10, 3, 1, 1))
+    labels = np.repeat(np.arange(10), n_per_class)
+    noise = rng.integers(-60, 60, (len(labels), 3, 32, 32))
+    return np.clip(colours[labels] + noise, 0, 255).astype(np.uint8), labels
+
+
+def write_batches(root: Path, seed: int = 0) -> Path:
+    """The official python-batch layout: cifar-10-batches-py/data_batch_1..5 and test_batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_x, train_y = make_images(TRAIN_PER_CLASS, seed)
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(train_y)), 5)
+    files = {f"data_batch_{i + 1}": idx for i, idx in enumerate(parts)}
+    test_x, test_y = make_images(TEST_PER_CLASS, seed + 1)
+    for name, (x, y) in {**{k: (train_x[v], train_y[v]) for k, v in files.items()}, "test_batch": (test_x, test_y)}.items():
+        entry = {b"batch_label": name.encode(), b"labels": [int(v) for v in y],
+                 b"data": x.reshape(len(x), -1), b"filenames": [f"{i}.png".encode() for i in range(len(y))]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh, protocol=2)
+    return folder
+
+
+def write_folder(root: Path, seed: int = 0) -> Path:
+    """The image-folder layout: train/<class>/NNNN.png and test/<class>/NNNN.png."""
+    for split, per_class, offset in (("train", TRAIN_PER_CLASS, 0), ("test", TEST_PER_CLASS, 1)):
+        x, y = make_images(per_class, seed + offset)
+        for i, (image, label) in enumerate(zip(x, y)):
+            path = root / split / CIFAR10_CLASSES[label] / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(torch.from_numpy(image), str(path))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache, data dir, run home and an offline W&B."""
+    monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LENET_DATA_DIR", str(tmp_path / "no-data-here"))
+    monkeypatch.setenv("LENET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+@pytest.fixture
+def batches_dir(tmp_path: Path) -> Path:
+    """A data dir holding tiny official python batches."""
+    write_batches(tmp_path / "batches")
+    return tmp_path / "batches"
+
+
+@pytest.fixture
+def folder_dir(tmp_path: Path) -> Path:
+    """A data dir holding a tiny image folder named tiny-png."""
+    return write_folder(tmp_path / "tiny-png")
+
+
+# Settings that make a real training run take well under a second on the tiny data.
+TINY = {"val_size": 20, "batch_size": 32, "epochs": 1, "device": "cpu"}

@@ -1,0 +1,106 @@
+"""The `lenet` command line, through Typer's CliRunner: real training, real errors."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import TINY
+
+runner = CliRunner()
+TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
+
+
+def lenet(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_no_args_shows_help() -> None:
+    result = lenet()
+    assert "train" in result.output and "test" in result.output and "params" in result.output
+
+
+def test_train_then_test(folder_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    result = lenet("train", *TINY_ARGS, "epochs=2", f"data_dir={folder_dir}", "--wandb", "disabled", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "epoch   2/2" in result.output and "test/acc" in result.output and "tiny-png" in result.output
+    (run_dir,) = out.iterdir()
+    assert {p.name for p in run_dir.iterdir()} == {"best.pt", "last.pt"}
+    tested = lenet("test", run_dir / "best.pt", "--device", "cpu")
+    assert tested.exit_code == 0, tested.output
+    assert "test accuracy" in tested.output and "tiny-png" in tested.output
+
+
+def test_test_on_another_data_dir(folder_dir: Path, batches_dir: Path, tmp_path: Path) -> None:
+    lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--wandb", "disabled", "--out", tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = lenet("test", run_dir / "last.pt", "--data-dir", batches_dir, "--data", "auto")
+    assert result.exit_code == 0, result.output
+    assert "of cifar10 (trained on tiny-png" in result.output
+
+
+def test_config_file_and_preset(folder_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"preset: classic\ndata_dir: {folder_dir}\nval_size: 20\nepochs: 1\nlr: 0.5\n")
+    result = lenet("train", "--config", config, "lr=0.01", "batch_size=32", "--wandb", "disabled", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert "preset=classic" in result.output
+
+
+def test_offline_wandb_run_can_be_synced(folder_dir: Path, tmp_path: Path) -> None:
+    result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--wandb", "offline", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "W&B offline" in result.output and "wandb sync" in result.output
+    (offline,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    assert list(offline.glob("run-*.wandb")), "the offline run holds its log for `wandb sync`"
+
+
+def test_auto_wandb_without_login_goes_offline(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "(W&B offline)" in result.output
+
+
+def test_params_lists_every_setting() -> None:
+    result = lenet("params")
+    assert result.exit_code == 0
+    for name in ("activation", "scaled_tanh", "weight_decay", "early_stopping", "augment", "crop_flip"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bogus=1"], "unknown run setting 'bogus'"),
+    (["activation=swish"], "activation='swish' is not valid; choose one of"),
+    (["lr=-1"], "lr=-1.0 is out of range"),
+    (["epochs=ten"], "epochs='ten' is not a valid int"),
+    (["lr"], "write settings as key=value"),
+    (["data=folder", "data_dir=/nonexistent/cifar"], "no image folder"),
+])
+def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
+    result = lenet("train", *args, "--wandb", "disabled")
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_corrupt_batch_is_a_clear_error(batches_dir: Path) -> None:
+    (batches_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02garbage")
+    result = lenet("train", *TINY_ARGS, f"data_dir={batches_dir}", "--wandb", "disabled")
+    assert result.exit_code == 2 and "corrupt CIFAR-10 batch" in result.output and "data_batch_2" in result.output
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    result = lenet("test", tmp_path / "nope.pt")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_diverged_run_exits_non_zero_with_metrics(batches_dir: Path, tmp_path: Path) -> None:
+    result = lenet("train", *TINY_ARGS, f"data_dir={batches_dir}", "preset=classic", "activation=relu", "lr=1e8",
+                   "batch_size=8", "epochs=3", "--wandb", "disabled", "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "diverged" in result.output and "lower lr" in result.output
+    assert list((tmp_path / "r").glob("*/last.pt")), "a diverged run still leaves its last checkpoint"

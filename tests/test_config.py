@@ -1,0 +1,89 @@
+"""The run config: presets, coercion of command-line strings and sweep values, loud failures."""
+
+from dataclasses import FrozenInstanceError
+
+import numpy as np
+import pytest
+
+from ablation.config import CHOICES, PRESETS, RunConfig, load_config_file, parse_overrides
+from ablation.errors import ConfigError
+
+
+def test_defaults_are_the_modern_preset() -> None:
+    assert RunConfig() == RunConfig.from_dict({}) == RunConfig.from_dict({"preset": "modern"})
+
+
+def test_classic_preset_then_overrides() -> None:
+    config = RunConfig.from_dict({"preset": "classic", "lr": "0.5"})
+    assert (config.activation, config.pooling, config.optimizer, config.augment) == ("scaled_tanh", "avg", "sgd", "none")
+    assert config.lr == 0.5 and config.preset == "classic"
+
+
+def test_presets_name_every_technique() -> None:
+    assert set(PRESETS["modern"]) == set(PRESETS["classic"])
+
+
+def test_round_trip_through_dict() -> None:
+    config = RunConfig.from_dict({"preset": "classic", "dropout": 0.3})
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_frozen() -> None:
+    with pytest.raises(FrozenInstanceError):
+        RunConfig().lr = 1.0  # type: ignore[misc]
+
+
+def test_unknown_key_lists_valid_names_and_suggests() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"learning_rat": 0.1, "activaton": "relu"})
+    text = str(err.value)
+    assert "'activaton' (did you mean 'activation'?)" in text
+    assert "valid settings:" in text and "weight_decay" in text
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_bad_choice_lists_choices(key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({key: "nonsense"})
+    assert "choose one of" in str(err.value) and CHOICES[key][0] in str(err.value)
+
+
+@pytest.mark.parametrize("key,value", [("dropout", 1.0), ("lr", 0), ("momentum", -0.1),
+                                       ("batch_size", 0), ("epochs", 0), ("label_smoothing", 1.5)])
+def test_out_of_range(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        RunConfig.from_dict({key: value})
+
+
+def test_type_errors() -> None:
+    with pytest.raises(ConfigError, match="not a valid float"):
+        RunConfig.from_dict({"lr": "fast"})
+    with pytest.raises(ConfigError, match="whole number"):
+        RunConfig.from_dict({"epochs": 2.5})
+
+
+def test_numpy_scalars_become_python_values() -> None:
+    config = RunConfig.from_dict({"lr": np.float64(0.01), "epochs": np.int64(3), "batch_size": "64", "dropout": np.float32(0.5)})
+    assert type(config.lr) is float and type(config.epochs) is int and config.batch_size == 64
+    assert config.to_dict()["dropout"] == 0.5
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["lr=0.1", "--optimizer=adam", "data_dir="]) == {"lr": "0.1", "optimizer": "adam", "data_dir": ""}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_config_file(tmp_path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("preset: classic\nlr: {value: 0.003}\n_wandb: {x: 1}\n")
+    assert RunConfig.from_dict(load_config_file(good)).lr == 0.003
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config_file(bad)
+    (tmp_path / "list.yaml").write_text("- lr\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config_file(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "missing.yaml")

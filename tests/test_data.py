@@ -1,0 +1,150 @@
+"""The real loaders on tiny datasets in the official formats; augmentation; split; safety."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ablation.config import RunConfig
+from ablation.data import (Batches, gather_batch, load_dataset, read_batches, split_train_val, synthetic_dataset)
+from ablation.errors import DataError
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, make_images
+
+
+def config(**values) -> RunConfig:
+    return RunConfig.from_dict({k: str(v) for k, v in values.items()})
+
+
+def test_python_batches(batches_dir: Path) -> None:
+    ds = load_dataset(config(data="cifar10", data_dir=batches_dir))
+    assert ds.name == "cifar10" and ds.train_x.dtype == torch.uint8
+    assert ds.train_x.shape == (10 * TRAIN_PER_CLASS, 3, 32, 32) and ds.test_x.shape == (10 * TEST_PER_CLASS, 3, 32, 32)
+    test_x, test_y = make_images(TEST_PER_CLASS, 1)  # test_batch is written unshuffled
+    assert torch.equal(ds.test_x, torch.from_numpy(test_x)) and ds.test_y.tolist() == test_y.tolist()
+
+
+def test_auto_finds_batches_and_folder(batches_dir: Path, folder_dir: Path) -> None:
+    assert load_dataset(config(data_dir=batches_dir)).name == "cifar10"
+    assert load_dataset(config(data_dir=folder_dir)).name == "tiny-png"
+    assert load_dataset(config(data_dir=folder_dir.parent, data="folder")).name == "tiny-png"  # one level down
+
+
+def test_image_folder_is_lossless_for_png(folder_dir: Path) -> None:
+    ds = load_dataset(config(data="folder", data_dir=folder_dir))
+    x, y = make_images(TRAIN_PER_CLASS, 0)
+    assert torch.equal(ds.train_x, torch.from_numpy(x)) and ds.train_y.tolist() == y.tolist()
+    assert ds.classes[0] == "airplane" and ds.classes[-1] == "truck"
+
+
+def test_cache_is_used_then_invalidated(folder_dir: Path, tmp_path: Path) -> None:
+    cfg = config(data="folder", data_dir=folder_dir)
+    first = load_dataset(cfg)
+    cached = list((tmp_path / "cache").glob("tiny-png-*.pt"))
+    assert len(cached) == 1
+    os.utime(cached[0], (0, 0))
+    assert torch.equal(load_dataset(cfg).train_x, first.train_x)
+    next((folder_dir / "train" / "cat").iterdir()).unlink()  # the dataset changed: decode again
+    assert len(load_dataset(cfg).train_y) == len(first.train_y) - 1
+    assert len(list((tmp_path / "cache").glob("tiny-png-*.pt"))) == 2
+
+
+def test_missing_data_dir_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no image folder .* found in .*nowhere.*data_dir="):
+        load_dataset(config(data="folder", data_dir=tmp_path / "nowhere"))
+
+
+def test_truncated_batch(batches_dir: Path) -> None:
+    path = batches_dir / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="corrupt CIFAR-10 batch .*data_batch_3.*download it again"):
+        load_dataset(config(data="cifar10", data_dir=batches_dir))
+
+
+def test_missing_batch(batches_dir: Path) -> None:
+    (batches_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError, match="missing CIFAR-10 batch .*test_batch"):
+        load_dataset(config(data="cifar10", data_dir=batches_dir))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_cannot_run_code(batches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open(batches_dir / "cifar-10-batches-py" / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": _Exploit(), b"labels": []}, fh)
+    with pytest.raises(DataError, match="forbidden global"):
+        read_batches(batches_dir / "cifar-10-batches-py")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_corrupt_and_wrong_size_images(folder_dir: Path) -> None:
+    bad = sorted((folder_dir / "test" / "dog").iterdir())[1]
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"cannot decode image .*{bad.name}"):
+        load_dataset(config(data="folder", data_dir=folder_dir))
+
+
+def test_class_folders_must_match(folder_dir: Path) -> None:
+    (folder_dir / "test" / "cat").rename(folder_dir / "test" / "kitten")
+    with pytest.raises(DataError, match="one folder per class"):
+        load_dataset(config(data="folder", data_dir=folder_dir))
+
+
+def test_split_is_fixed_and_disjoint() -> None:
+    ds = synthetic_dataset(200, 10)
+    a = split_train_val(ds, 50, split_seed=0)
+    b = split_train_val(ds, 50, split_seed=0)
+    c = split_train_val(ds, 50, split_seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[2], c[2])
+    assert len(a[0]) == 150 and len(a[2]) == 50
+    with pytest.raises(DataError, match="lower val_size"):
+        split_train_val(ds, 200, 0)
+
+
+def reference_crop_flip(image: torch.Tensor) -> list[torch.Tensor]:
+    """Every crop (reflect pad 4) and flip of one image, the slow obvious way."""
+    padded = F.pad(image[None].float(), (4, 4, 4, 4), mode="reflect")[0].to(torch.uint8)
+    crops = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    return crops + [c.flip(2) for c in crops]
+
+
+def test_crop_flip_matches_reference() -> None:
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.tensor([3, 1, 7, 7, 0])
+    out = gather_batch(images, idx, "crop_flip", gen)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.uint8
+    for source, augmented in zip(idx, out):
+        assert any(torch.equal(augmented, ref) for ref in reference_crop_flip(images[source]))
+
+
+def test_flip_only_and_none() -> None:
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    idx = torch.arange(64)
+    gen = torch.Generator().manual_seed(0)
+    flipped = gather_batch(images, idx, "flip", gen)
+    same = [torch.equal(a, b) for a, b in zip(flipped, images)]
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, images)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
+    assert torch.equal(gather_batch(images, idx, "none", gen), images)
+
+
+def test_batches_normalise_and_drop_last() -> None:
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(70)
+    mean, std = torch.full((1, 3, 1, 1), 127.5), torch.full((1, 3, 1, 1), 64.0)
+    train = Batches(images, labels, mean, std, 32, "crop_flip", shuffle=True, drop_last=True,
+                    gen=torch.Generator().manual_seed(0))
+    seen = torch.cat([y for _, y in train])
+    assert len(train) == 2 and len(seen) == 64 and len(set(seen.tolist())) == 64
+    evaluation = Batches(images, labels, mean, std, 32)
+    x, y = next(iter(evaluation))
+    assert torch.allclose(x, (images[:32].float() - 127.5) / 64) and len(evaluation) == 3

@@ -1,0 +1,115 @@
+"""`train(config, logger)` for real, on tiny generated data."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ablation.config import CHOICES, RunConfig
+from ablation.data import load_dataset
+from ablation.tracking import MemoryLogger
+from ablation.train import Record, load_checkpoint, lr_factor, make_optimizer, evaluate_checkpoint, train
+from ablation.model import build_model
+from conftest import TINY
+
+
+def run(data_dir: Path, checkpoint_dir: Path | None = None, **values) -> tuple[dict, MemoryLogger]:
+    config = RunConfig.from_dict({**TINY, "data_dir": str(data_dir), **values})
+    logger = MemoryLogger()
+    return train(config, logger, checkpoint_dir=checkpoint_dir), logger
+
+
+CHOICE_CASES = [(k, v) for k in ("activation", "pooling", "norm", "init", "optimizer", "schedule", "augment")
+                for v in CHOICES[k]]
+
+
+@pytest.mark.parametrize("key,value", CHOICE_CASES, ids=[f"{k}={v}" for k, v in CHOICE_CASES])
+def test_every_choice_trains(batches_dir: Path, key: str, value: str) -> None:
+    summary, logger = run(batches_dir, **{key: value, "lr": 0.01, "l1": 1e-5, "grad_clip": 1.0,
+                                          "warmup_epochs": 0.5, "dropout": 0.1})
+    assert summary["state"] == "finished" and summary["epochs_run"] == 1
+    assert math.isfinite(logger.history[0]["train/loss"]) and 0 <= summary["test/acc"] <= 100
+
+
+def test_metrics_logged_every_epoch(batches_dir: Path) -> None:
+    summary, logger = run(batches_dir, epochs=3)
+    assert [h["epoch"] for h in logger.history] == [1, 2, 3]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "throughput/img_s"} <= set(logger.history[0])
+    assert logger.final == summary
+    for key in ("best_epoch", "test/acc", "test/loss", "gap/train_val_acc", "params", "time/total_s",
+                "epochs_to/val_acc_50", "epochs_to/val_acc_70"):
+        assert key in summary
+    assert summary["dataset"] == "cifar10" and summary["params"] > 60_000
+
+
+def test_learns_a_learnable_task(folder_dir: Path) -> None:
+    summary, logger = run(folder_dir, epochs=8, lr=0.05, batch_size=16)
+    assert summary["best/val_acc"] >= 70 and summary["test/acc"] >= 60  # chance is 10%
+    assert summary["epochs_to/val_acc_50"] is not None
+    best = max(logger.history, key=lambda h: (h["val/acc"], -h["val/loss"]))
+    assert summary["best_epoch"] == best["epoch"]
+
+
+def test_same_seed_same_metrics_on_cpu(batches_dir: Path) -> None:
+    a, la = run(batches_dir, epochs=2, seed=3)
+    b, lb = run(batches_dir, epochs=2, seed=3)
+    c, _ = run(batches_dir, epochs=2, seed=4)
+    strip = lambda h: [{k: v for k, v in e.items() if not k.startswith(("time", "throughput"))} for e in h]
+    assert strip(la.history) == strip(lb.history)
+    assert a["test/acc"] == b["test/acc"] and a["test/loss"] == b["test/loss"]
+    assert c["test/loss"] != a["test/loss"]
+
+
+def test_divergence_is_recorded_not_raised(batches_dir: Path) -> None:
+    summary, logger = run(batches_dir, epochs=5, preset="classic", activation="relu", lr=1e8, batch_size=8)
+    assert summary["state"] == "diverged"
+    assert summary["epochs_run"] < 5 and not math.isfinite(logger.history[-1]["train/loss"])
+
+
+def test_record_early_stopping() -> None:
+    record = Record(RunConfig.from_dict({"early_stopping": 2}))
+    model = torch.nn.Linear(1, 1)
+    losses = [1.0, 0.9, 0.95, 0.92]  # best at epoch 2, then two epochs without improvement
+    for epoch, loss in enumerate(losses, 1):
+        record.add(epoch, {"train/loss": 1.0, "train/acc": 50.0, "val/loss": loss, "val/acc": 40.0 + epoch}, model)
+        stop = record.should_stop()
+        assert stop == (epoch == 4)
+    assert record.state == "stopped_early" and record.best["epoch"] == 4  # best is by val accuracy
+
+
+def evaluate_checkpoints_and_lenet_test(folder_dir: Path, tmp_path: Path) -> None:
+    summary, _ = run(folder_dir, checkpoint_dir=tmp_path / "ckpt", epochs=2)
+    best = load_checkpoint(tmp_path / "ckpt" / "best.pt")
+    last = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert best["config"] == RunConfig.from_dict({**TINY, "data_dir": str(folder_dir), "epochs": 2}).to_dict()
+    assert best["dataset"] == "tiny-png" and best["epoch"] == summary["best_epoch"]
+    assert last["metrics"]["test/acc"] == summary["test/acc"] and last["epoch"] == 2
+    result = evaluate_checkpoint(tmp_path / "ckpt" / "best.pt")
+    assert result["test/acc"] == pytest.approx(summary["test/acc"])
+
+
+def test_schedules() -> None:
+    total = 100
+    assert [lr_factor(s, total, 0, "constant") for s in (0, 99)] == [1.0, 1.0]
+    assert lr_factor(10, total, 0, "step") == 1.0 and lr_factor(60, total, 0, "step") == pytest.approx(0.1)
+    assert lr_factor(80, total, 0, "step") == pytest.approx(0.01)
+    assert lr_factor(0, total, 0, "cosine") == 1.0 and lr_factor(99, total, 0, "cosine") < 0.01
+    assert lr_factor(25, total, 0, "onecycle") == 1.0 and lr_factor(0, total, 0, "onecycle") < 0.1
+    assert lr_factor(4, total, 10, "constant") == 0.5  # warm-up is linear
+
+
+def test_weight_decay_skips_biases_and_norms() -> None:
+    config = RunConfig.from_dict({"norm": "batch", "weight_decay": 0.1})
+    groups = make_optimizer(build_model(config), config).param_groups
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_l1_shrinks_weights(batches_dir: Path, tmp_path: Path) -> None:
+    def l1_norm(l1: float) -> float:
+        run(batches_dir, checkpoint_dir=tmp_path / str(l1), epochs=2, l1=l1, norm="none", weight_decay=0, schedule="constant")
+        weights = load_checkpoint(tmp_path / str(l1) / "last.pt")["model"]
+        return sum(w.abs().sum().item() for w in weights.values() if w.ndim > 1)
+
+    assert l1_norm(0.2) < 0.7 * l1_norm(0.0)
