@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from enum import Enum
@@ -103,7 +104,7 @@ def train(
     dataset = run_guarded(load_dataset, config)  # before W&B starts: bad data leaves no dead run
     mode = wandb_mode(wandb.value)
     run = start_wandb(config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
-    name = run.id if run is not None else time.strftime("%Y%m%d-%H%M%S")
+    name = run.id if run is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     console.print(f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} "
                   f"device={config.device}", highlight=False)
     with _progress() as progress:

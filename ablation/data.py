@@ -20,6 +20,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CACHE_VERSION = 1  # bump when the cached tensor layout changes
 
 
@@ -56,17 +57,22 @@ def load_dataset(config: RunConfig) -> Dataset:
         where = download_cifar10(root)
         source = "batches"
     key = _fingerprint(source, where)
-    name = "cifar10" if source == "batches" else where.name
+    name = {"batches": "cifar10", "archive": _archive_stem(where)}.get(source, where.name)
     cached = cache_dir() / f"{name}-{key}.pt"
     if cached.exists():
         return _read_cache(cached)
-    dataset = read_batches(where) if source == "batches" else read_image_folder(where)
+    reader = {"batches": read_batches, "archive": read_image_archive}.get(source, read_image_folder)
+    dataset = reader(where)
     _write_cache(cached, dataset)
     return dataset
 
 
 def _locate(kind: str, root: Path) -> tuple[str, Path]:
-    """Find the source for `data=kind` under `root`: ('batches'|'folder'|'download', path)."""
+    """Find the source for `data=kind` under `root`: ('batches'|'folder'|'archive'|'download', path)."""
+    if root.is_file() and kind in ("auto", "folder"):
+        if not root.name.endswith(ARCHIVE_SUFFIXES):
+            raise DataError(f"data_dir={root} is a file; give a folder or an image-folder archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        return "archive", root
     batches = next((d for d in (root / BATCHES_DIR, root) if (d / "data_batch_1").exists()), None)
     if kind in ("auto", "cifar10") and batches is not None:
         return "batches", batches
@@ -92,12 +98,13 @@ def download_cifar10(root: Path) -> Path:
     """Fetch the official CIFAR-10 python release into `root` with torchvision (checks its md5)."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    # A cluster without internet can point LENET_CIFAR10_URL at a mirror of the same file (md5 checked).
+    url = os.environ.get("LENET_CIFAR10_URL", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
     try:
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(url, str(root), md5="c58f30108f718f92721af3b95e74349a")
     except Exception as exc:  # urllib, ssl, OSError, RuntimeError(md5): all mean "no usable copy"
-        raise DataError(f"no CIFAR-10 found in {root} and the download failed ({type(exc).__name__}); "
+        raise DataError(f"no CIFAR-10 found in {root} and the download from {url} failed ({type(exc).__name__}); "
                         f"put the python batches or an image folder there, or set data_dir= / LENET_DATA_DIR") from None
     return root / BATCHES_DIR
 
@@ -157,16 +164,47 @@ def _list_split(split_dir: Path, classes: tuple[str, ...] | None) -> tuple[list[
     return paths, labels, found
 
 
-def _decode(path: Path) -> torch.Tensor:
+def _decode(path: Path | str, data: bytes | None = None) -> torch.Tensor:
+    """Decode one PNG/JPEG file (or its bytes, read from an archive) into uint8 3 x 32 x 32."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        raw = read_file(str(path)) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        image = decode_image(raw, mode=ImageReadMode.RGB)
     except Exception as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}); replace or delete the file") from None
     if tuple(image.shape[1:]) != (32, 32):
         raise DataError(f"image {path} is {image.shape[2]}x{image.shape[1]}, expected 32x32 (CIFAR-10)")
     return image
+
+
+def _archive_stem(path: Path) -> str:
+    return next(path.name[: -len(s)] for s in (*ARCHIVE_SUFFIXES, "") if path.name.endswith(s))
+
+
+def read_image_archive(path: Path) -> Dataset:
+    """Decode an image folder packed as a tar archive (…/{train,test}/<class>/*.jpg) without extracting it."""
+    import tarfile
+
+    members: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                parts = info.name.split("/")
+                if info.isfile() and len(parts) >= 3 and parts[-3] in members and info.name.lower().endswith(IMAGE_SUFFIXES):
+                    members[parts[-3]].setdefault(parts[-2], []).append((info.name, tar.extractfile(info).read()))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"cannot read archive {path} ({type(exc).__name__}: {exc}); it is truncated or corrupt, fetch it again") from None
+    classes = tuple(sorted(members["train"]))
+    if not classes or tuple(sorted(members["test"])) != classes:
+        raise DataError(f"archive {path} must hold train/<class>/* and test/<class>/* images with the same classes")
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        split = {}
+        for name, by_class in members.items():
+            files = [(f, i) for i, c in enumerate(classes) for f in sorted(by_class[c])]
+            images = list(pool.map(lambda item: _decode(*item[0]), files, chunksize=256))
+            split[name] = (torch.stack(images), torch.tensor([i for _, i in files]))
+    return Dataset(*split["train"], *split["test"], classes, _archive_stem(path))
 
 
 def read_image_folder(root: Path) -> Dataset:
@@ -197,6 +235,8 @@ def synthetic_dataset(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0
 def _fingerprint(source: str, where: Path) -> str:
     """A short hash of every file's name, size and mtime, so a changed dataset is decoded again."""
     digest = hashlib.sha1(f"{CACHE_VERSION}|{source}|{where.resolve()}".encode())
+    if where.is_file():
+        digest.update(f"{where.stat().st_size}|{where.stat().st_mtime_ns}".encode())
     for dirpath, dirnames, filenames in os.walk(where):
         dirnames.sort()
         for name in sorted(filenames):
@@ -279,7 +319,7 @@ class Batches:
     augment: str = "none"
     shuffle: bool = False
     drop_last: bool = False  # training drops a ragged last batch (batch norm needs > 1 image)
-    channels_last: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format
     gen: torch.Generator | None = None
 
     def _stop(self) -> int:
@@ -291,8 +331,7 @@ class Batches:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float, zero mean and unit variance per channel."""
-        x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)

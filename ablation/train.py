@@ -46,6 +46,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def memory_format(config: RunConfig) -> torch.memory_format:
+    """channels_last unless batch norm: measured on 2 CPU cores, channels_last is ~1.5x faster without
+    batch norm and ~1.4x slower with it (PyTorch's CPU batch norm is slow in that layout)."""
+    return torch.contiguous_format if config.norm == "batch" else torch.channels_last
+
+
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """The optimiser; weight decay applies to conv/fc weights only, never to biases or norm scales."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -158,7 +164,7 @@ def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[
     def stream(x: torch.Tensor, y: torch.Tensor, train: bool) -> Batches:
         return Batches(x.to(device).contiguous(), y.to(device), mean.to(device), std.to(device),
                        config.batch_size if train else EVAL_BATCH, config.augment if train else "none",
-                       shuffle=train, drop_last=train, channels_last=True, gen=gen)
+                       shuffle=train, drop_last=train, memory_format=memory_format(config), gen=gen)
 
     return stream(train_x, train_y, True), stream(val_x, val_y, False), stream(dataset.test_x, dataset.test_y, False)
 
@@ -173,7 +179,7 @@ def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None,
     dataset = dataset or load_dataset(config)
     train_b, val_b, test_b = prepare(config, dataset, device)
     torch.manual_seed(config.seed)
-    model = build_model(config, len(dataset.classes)).to(device, memory_format=torch.channels_last)
+    model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))
     trainer = Trainer(config, model, train_b, dtype, logger)
     record = Record(config)
     for epoch in range(1, config.epochs + 1):
@@ -298,10 +304,10 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
     device = resolve_device(config.device)
     torch.set_num_threads(cpu_threads(config.threads))
     dataset = load_dataset(config)
-    model = build_model(config, len(payload["classes"])).to(device, memory_format=torch.channels_last)
+    model = build_model(config, len(payload["classes"])).to(device, memory_format=memory_format(config))
     model.load_state_dict(payload["model"])
     test = Batches(dataset.test_x.to(device).contiguous(), dataset.test_y.to(device), payload["mean"].to(device),
-                   payload["std"].to(device), EVAL_BATCH, channels_last=True)
+                   payload["std"].to(device), EVAL_BATCH, memory_format=memory_format(config))
     loss, acc = evaluate(model, test, autocast_dtype(config.precision, device))
     return {"test/loss": loss, "test/acc": acc, "dataset": dataset.name, "images": len(dataset.test_y),
             "checkpoint_epoch": payload["epoch"], "trained_on": payload["dataset"]}

@@ -148,3 +148,41 @@ def test_batches_normalise_and_drop_last() -> None:
     evaluation = Batches(images, labels, mean, std, 32)
     x, y = next(iter(evaluation))
     assert torch.allclose(x, (images[:32].float() - 127.5) / 64) and len(evaluation) == 3
+
+
+def test_image_folder_archive_reads_without_extracting(folder_dir: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    archive = tmp_path / "tiny-png.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder_dir, arcname="tiny-png")
+    packed = load_dataset(config(data_dir=archive))
+    plain = load_dataset(config(data_dir=folder_dir))
+    assert packed.name == "tiny-png" and packed.classes == plain.classes
+    assert torch.equal(packed.train_x, plain.train_x) and torch.equal(packed.test_y, plain.test_y)
+    truncated = tmp_path / "cut.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_dataset(config(data_dir=truncated))
+
+
+def test_wrong_image_size_is_named(folder_dir: Path) -> None:
+    from torchvision.io import write_png
+
+    write_png(torch.zeros(3, 28, 28, dtype=torch.uint8), str(folder_dir / "train" / "cat" / "big.png"))
+    with pytest.raises(DataError, match="big.png is 28x28, expected 32x32"):
+        load_dataset(config(data_dir=folder_dir))
+
+
+def test_cached_load_of_corrupt_cache(folder_dir: Path, tmp_path: Path) -> None:
+    load_dataset(config(data_dir=folder_dir))
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    cached.write_bytes(b"junk")
+    with pytest.raises(DataError, match="corrupt dataset cache .*delete it"):
+        load_dataset(config(data_dir=folder_dir))
+
+
+def test_failed_download_says_where_to_put_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LENET_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
+    with pytest.raises(DataError, match="no CIFAR-10 found in .*empty and the download from .* failed .*data_dir="):
+        load_dataset(config(data="cifar10", data_dir=tmp_path / "empty"))
