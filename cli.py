@@ -103,7 +103,7 @@ def train(
     config = run_guarded(build_config, overrides or [], config_file)
     dataset = run_guarded(load_dataset, config)  # before W&B starts: bad data leaves no dead run
     mode = wandb_mode(wandb.value)
-    run = start_wandb(config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
+    run = run_guarded(start_wandb, config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
     name = run.id if run is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     console.print(f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} "
                   f"device={config.device}", highlight=False)

@@ -15,3 +15,7 @@ class DataError(LenetError):
 
 class CheckpointError(LenetError):
     """A checkpoint that is missing, unreadable or incompatible with this version."""
+
+
+class TrackingError(LenetError):
+    """W&B could not start or log a run."""

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from ablation.errors import TrackingError
+
 
 class Logger(Protocol):
     """What `train` calls: per-epoch metrics, per-batch progress, and the final summary."""
@@ -108,4 +110,12 @@ def start_wandb(config: dict[str, Any], mode: str, project: str, **kwargs: Any) 
     import wandb
 
     settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
-    return wandb.init(project=project, config=config, mode=mode, settings=settings, **kwargs)
+    try:
+        return wandb.init(project=project, config=config, mode=mode, settings=settings, **kwargs)
+    except Exception as exc:  # wandb raises many types (CommError, UsageError, timeouts)
+        raise TrackingError(f"could not start a W&B {mode} run ({type(exc).__name__}: {_one_line(exc)}); "
+                            f"run `wandb login`, or use --wandb offline") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -104,3 +104,10 @@ def test_diverged_run_exits_non_zero_with_metrics(batches_dir: Path, tmp_path: P
     assert result.exit_code == 2
     assert "diverged" in result.output and "lower lr" in result.output
     assert list((tmp_path / "r").glob("*/last.pt")), "a diverged run still leaves its last checkpoint"
+
+
+def test_online_wandb_without_login_is_a_clear_error(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--wandb", "online")
+    assert result.exit_code == 2
+    assert "could not start a W&B online run" in result.output and "wandb login" in result.output
