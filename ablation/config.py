@@ -56,7 +56,7 @@ class RunConfig:
     init: str = "kaiming_normal"
     # Optimisation.
     optimizer: str = "nesterov"
-    lr: float = 0.05  # peak learning rate
+    lr: float = 0.1  # peak learning rate
     momentum: float = 0.9  # used by momentum and nesterov
     weight_decay: float = 5e-4  # on conv/fc weights only; coupled L2 except adamw (decoupled)
     l1: float = 0.0  # coefficient of sum(|w|) over conv/fc weights, added to the loss
@@ -64,7 +64,7 @@ class RunConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max global gradient L2 norm; 0 = off
-    batch_size: int = 256
+    batch_size: int = 128
     epochs: int = 30
     early_stopping: int = 0  # patience in epochs on val loss; 0 = off
     # Data.
