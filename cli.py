@@ -151,6 +151,209 @@ def params() -> None:
     console.print(table)
 
 
+sweep_app = typer.Typer(no_args_is_help=True, help="Declare ablation grids as W&B sweeps (online or in the local engine).")
+app.add_typer(sweep_app, name="sweep")
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    local = "local"
+    wandb = "wandb"
+
+
+@sweep_app.command("create")
+def sweep_create(
+    file: Annotated[Path, typer.Argument(help="A W&B sweep YAML file, e.g. sweeps/smoke.yaml.")],
+    backend: Annotated[Backend, typer.Option(help="wandb (W&B server) or local (embedded engine); auto = wandb when logged in.")] = Backend.auto,
+    project: Annotated[str, typer.Option(help="W&B project.")] = "lenet",
+    entity: Annotated[Optional[str], typer.Option(help="W&B entity (user or team).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of random/bayes search (local engine); random if omitted.")] = None,
+) -> None:
+    """Validate a sweep file and create the sweep; prints its id."""
+    from ablation.store import Store
+    from ablation.sweep import grid_size, load_sweep_file
+    from ablation.tracking import wandb_logged_in
+
+    config = run_guarded(load_sweep_file, file)
+    chosen = backend.value if backend != Backend.auto else ("wandb" if wandb_logged_in() else "local")
+    store = run_guarded(Store)
+    if chosen == "wandb":
+        sweep_id = run_guarded(_create_wandb_sweep, config, project, entity)
+        run_guarded(store.create_sweep, config, "wandb", sweep_id, 0, project, entity)
+    else:
+        sweep_id = run_guarded(store.create_sweep, config, "local", None, seed, project, entity)
+    size = grid_size(config)
+    runs = f"{size} runs" if size is not None else f"{config['method']} search, " + (
+        f"run_cap {config['run_cap']}" if config.get("run_cap") else "until stopped (no run_cap)")
+    console.print(f"created sweep [bold]{sweep_id}[/] ({chosen} backend, {runs})", highlight=False)
+    console.print(f"start workers with: lenet agent {sweep_id} --workers N", highlight=False)
+
+
+def _create_wandb_sweep(config: dict[str, Any], project: str, entity: Optional[str]) -> str:
+    from ablation.errors import TrackingError
+
+    import wandb
+
+    try:
+        return wandb.sweep(sweep=config, project=project, entity=entity)
+    except Exception as exc:
+        raise TrackingError(f"W&B could not create the sweep ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                            f"run `wandb login`, or use --backend local") from None
+
+
+@sweep_app.command("ls")
+def sweep_ls() -> None:
+    """List the sweeps in the local store (W&B sweeps created here included)."""
+    from ablation.store import Store
+
+    store = run_guarded(Store)
+    table = Table("id", "name", "backend", "method", "state", "runs (done/all)", "created")
+    for sweep in store.sweeps():
+        runs = store.runs(sweep["id"])
+        done = sum(r["state"] not in ("pending", "running") for r in runs)
+        table.add_row(sweep["id"], sweep["name"] or "", sweep["backend"], sweep["config"]["method"], sweep["state"],
+                      f"{done}/{len(runs)}", time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["created_at"])))
+    console.print(table)
+
+
+@sweep_app.command("status")
+def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id printed by `lenet sweep create`.")]) -> None:
+    """Runs per state, the best run so far, elapsed and estimated remaining time."""
+    from ablation.store import Store, heartbeat_timeout, home
+    from ablation.sweep import grid_size
+
+    store = run_guarded(Store)
+    sweep = run_guarded(store.sweep, sweep_id)
+    runs = store.runs(sweep_id)
+    config = sweep["config"]
+    states: dict[str, int] = {}
+    for run in runs:
+        stale = run["state"] == "running" and (run["heartbeat_at"] or 0) < time.time() - heartbeat_timeout()
+        key = "running (no heartbeat: will be requeued)" if stale else run["state"]
+        states[key] = states.get(key, 0) + 1
+    total = grid_size(config) or config.get("run_cap")
+    console.print(f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
+                  f"{len(runs)} runs created" + (f" of {total}" if total else ""), highlight=False)
+    console.print("  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False)
+    _print_best(runs, config)
+    _print_timing(runs, total)
+    table = Table("run", "state", "attempts", "params (varying)", config.get("metric", {}).get("name", "metric"), "error")
+    metric = config.get("metric", {}).get("name")
+    varying = [k for k, spec in config["parameters"].items() if "value" not in spec]
+    for run in runs:
+        value = _metric_value(store, run, metric)
+        table.add_row(run["id"], run["state"], str(run["attempts"]), " ".join(f"{k}={run['params'].get(k)}" for k in varying),
+                      f"{value:.4g}" if value is not None else "", (run["error"] or "").split("\n")[0][:60])
+    console.print(table)
+    console.print(f"store: {store.path}; W&B offline runs: {home() / 'wandb'} (upload with `wandb sync {home() / 'wandb'}/offline-run-*`)",
+                  highlight=False)
+
+
+def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Optional[float]:
+    """The run's best value of the sweep metric (history for per-epoch metrics, else summary)."""
+    if not metric:
+        return None
+    values = [h[metric] for h in store.history(run["id"]) if h.get(metric) is not None]
+    if run["summary"] and run["summary"].get(metric) is not None:
+        values.append(run["summary"][metric])
+    if not values:
+        return None
+    return min(values) if "loss" in metric else max(values)
+
+
+def _print_best(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    metric = config.get("metric", {})
+    scored = [(r["summary"].get("best/val_acc"), r) for r in runs if r["summary"] and r["summary"].get("best/val_acc") is not None]
+    if scored:
+        value, best = max(scored, key=lambda item: item[0])
+        console.print(f"  best so far: {best['id']} best/val_acc {value:.2f}% test/acc {best['summary'].get('test/acc') or float('nan'):.2f}% "
+                      f"({' '.join(f'{k}={v}' for k, v in best['params'].items())})", highlight=False)
+
+
+def _print_timing(runs: list[dict[str, Any]], total: Optional[int]) -> None:
+    started = [r["started_at"] for r in runs if r["started_at"]]
+    if not started:
+        return
+    ended = [r["ended_at"] for r in runs if r["ended_at"]]
+    active = any(r["state"] == "running" for r in runs) or any(r["state"] == "pending" for r in runs)
+    elapsed = (time.time() if active or not ended else max(ended)) - min(started)
+    durations = [r["ended_at"] - r["started_at"] for r in runs if r["ended_at"] and r["started_at"]]
+    line = f"  elapsed {elapsed / 60:.1f} min"
+    workers = max(1, len({r["worker"] for r in runs if r["state"] == "running"}))
+    if durations and total:
+        remaining = max(0, total - len(durations))
+        line += f", about {remaining * sum(durations) / len(durations) / workers / 60:.1f} min remaining ({remaining} runs, {workers} worker(s))"
+    console.print(line, highlight=False)
+
+
+@sweep_app.command("stop")
+def sweep_stop(sweep_id: Annotated[str, typer.Argument(help="The sweep to stop.")]) -> None:
+    """Stop a sweep: workers claim no new runs; runs in progress finish."""
+    from ablation.store import Store
+
+    store = run_guarded(Store)
+    run_guarded(store.set_sweep_state, sweep_id, "stopped")
+    console.print(f"sweep {sweep_id} stopped: no new runs will start", highlight=False)
+
+
+def say(text: str) -> None:
+    """Print plain text: no Rich markup (run ids in brackets), no wrapping."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def agent_event(kind: str, info: dict[str, Any]) -> None:
+    """Print what workers report (module-level so spawned worker processes can use it)."""
+    if kind == "start":
+        params = " ".join(f"{k}={v}" for k, v in info["params"].items())
+        again = f" (attempt {info['attempt']}, resuming)" if info["attempt"] > 1 else ""
+        say(f"[{info['worker']}] start {info['run']}{again}: {params}")
+    elif kind == "end" and "summary" in info:
+        s = info["summary"]
+        say(f"[{info['run']}] {info['state']}: best/val_acc {s.get('best/val_acc') or float('nan'):.2f}% "
+            f"test/acc {s['test/acc']:.2f}% in {s['time/total_s']:.0f}s")
+    elif kind == "end":
+        say(f"[{info['run']}] failed: {info['error']}")
+    elif kind == "worker_died":
+        say(f"worker {info['worker']} died (exit code {info['exitcode']}); its run is requeued once its heartbeat times out")
+
+
+@app.command()
+def agent(
+    sweep_id: Annotated[str, typer.Argument(help="A sweep id from `lenet sweep create`.")],
+    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting (default: until the sweep is done).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes on this machine.")] = 1,
+    gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweep's failed and diverged runs first.")] = False,
+    wandb: Annotated[WandbMode, typer.Option(help="Local sweeps: log each run as a W&B run too (auto = offline unless logged in).")] = WandbMode.auto,
+) -> None:
+    """Train the sweep's runs until it is done (local engine or W&B)."""
+    from ablation.agent import plan_workers, run_agent, wandb_sweep_function
+    from ablation.store import Store
+    from ablation.tracking import wandb_mode
+
+    store = run_guarded(Store)
+    sweep = run_guarded(store.sweep, sweep_id)
+    if sweep["backend"] == "wandb":
+        import wandb as wb
+
+        wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=sweep["project"], entity=sweep["entity"])
+        return
+    if retry_failed:
+        console.print(f"requeued {store.retry_failed(sweep_id)} failed run(s)", highlight=False)
+    gpu_list = [g.strip() for g in gpus.split(",")] if gpus else []
+    specs = plan_workers(sweep_id, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
+    console.print(f"agent on sweep {sweep_id}: {workers} worker(s), "
+                  + (f"GPUs {','.join(gpu_list)}" if gpu_list else f"{specs[0].threads} CPU thread(s) each"), highlight=False)
+    try:
+        run_agent(specs, agent_event)
+    except KeyboardInterrupt:
+        fail("interrupted: runs in progress were requeued and resume from their last checkpoint")
+    runs = store.runs(sweep_id)
+    failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
+    console.print(f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
+                  + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""), highlight=False)
+
+
 def main() -> None:
     """Entry point for `python cli.py`."""
     app()

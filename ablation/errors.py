@@ -19,3 +19,11 @@ class CheckpointError(LenetError):
 
 class TrackingError(LenetError):
     """W&B could not start or log a run."""
+
+
+class SweepError(LenetError):
+    """A sweep file that W&B's schema or the run config rejects, or an unknown sweep id."""
+
+
+class StoreError(LenetError):
+    """The local sweep store is unreadable or corrupt."""

@@ -9,7 +9,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,12 @@ class Trainer:
         self.scheduler.step()
         return loss.detach() * len(y), (out.argmax(1) == y).sum()
 
+    def resume_state(self, record: Record) -> dict[str, Any]:
+        """Everything besides the weights that an interrupted run needs to continue exactly."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "data_rng": self.batches.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "record": record.dump()}
+
     def epoch(self) -> tuple[float, float, int]:
         """Train one epoch: (mean loss, accuracy %, images seen); stats are synced once, at the end."""
         self.model.train()
@@ -169,9 +175,12 @@ def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[
     return stream(train_x, train_y, True), stream(val_x, val_y, False), stream(dataset.test_x, dataset.test_y, False)
 
 
-def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None,
-          dataset: Dataset | None = None) -> dict[str, Any]:
-    """Train one run; log every epoch; return the summary (test metrics are of the best-val checkpoint)."""
+def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None, dataset: Dataset | None = None,
+          resume: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train one run; log every epoch; return the summary (test metrics are of the best-val checkpoint).
+
+    With `checkpoint_dir`, best.pt and a resumable last.pt are written every epoch; `resume` continues
+    from last.pt. `should_stop` is asked after every epoch (sweep stops, hyperband)."""
     start = time.perf_counter()
     device = resolve_device(config.device)
     torch.set_num_threads(cpu_threads(config.threads))
@@ -182,7 +191,9 @@ def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None,
     model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))
     trainer = Trainer(config, model, train_b, dtype, logger)
     record = Record(config)
-    for epoch in range(1, config.epochs + 1):
+    last = checkpoint_dir / "last.pt" if checkpoint_dir else None
+    first = restore(last, config, trainer, record) + 1 if resume and last and last.exists() else 1
+    for epoch in range(first, config.epochs + 1):
         tick = time.perf_counter()
         train_loss, train_acc, seen = trainer.epoch()
         val_loss, val_acc = evaluate(model, val_b, dtype)
@@ -193,15 +204,34 @@ def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None,
         logger.log(metrics, epoch)
         if record.add(epoch, metrics, model) and checkpoint_dir:
             save_checkpoint(checkpoint_dir / "best.pt", model, config, dataset, record.summary(), epoch, train_b)
-        if record.should_stop():
+        stop = record.should_stop(should_stop)
+        if last:
+            save_checkpoint(last, model, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record))
+        if stop:
             break
     summary = record.finish(model, test_b, dtype, start)
     summary.update(dataset=dataset.name, params=count_parameters(model), device=str(device),
                    threads=torch.get_num_threads(), torch=str(torch.__version__), python=platform.python_version())
-    if checkpoint_dir:
-        save_checkpoint(checkpoint_dir / "last.pt", model, config, dataset, summary, epoch, train_b)
+    if last:
+        save_checkpoint(last, model, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
     logger.summary(summary)
     return summary
+
+
+def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> int:
+    """Load a resumable last.pt into the trainer and record; returns the epoch it ended (0: start afresh)."""
+    payload = load_checkpoint(path)
+    same = {k: v for k, v in payload["config"].items() if k not in ("threads", "device")}
+    if "resume" not in payload or same != {k: v for k, v in config.to_dict().items() if k not in ("threads", "device")}:
+        return 0  # a different run's checkpoint, or a final one without optimiser state: start afresh
+    state = payload["resume"]
+    trainer.model.load_state_dict(payload["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.batches.gen.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    record.load(state["record"])
+    return payload["epoch"]
 
 
 @dataclass
@@ -235,15 +265,31 @@ class Record:
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return True
 
-    def should_stop(self) -> bool:
-        """Diverged, or val loss has not improved for `early_stopping` epochs."""
+    def should_stop(self, external: Callable[[], bool] | None = None) -> bool:
+        """Diverged, val loss not improved for `early_stopping` epochs, or stopped from outside."""
         if self.state == "diverged":
             return True
         patience = self.config.early_stopping
         if patience and self.stale >= patience:
             self.state = "stopped_early"
-            return True
-        return False
+        elif external is not None and external():
+            self.state = "stopped"
+        return self.state != "running"
+
+    @property
+    def last_epoch(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
+
+    def dump(self) -> dict[str, Any]:
+        """The bookkeeping as plain data, for a resumable checkpoint."""
+        return {"history": self.history, "best": self.best, "best_state": self.best_state,
+                "reached": self.reached, "stale": self.stale, "lowest_val_loss": self.lowest_val_loss}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from `dump()`'s output; the run is running again."""
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.state = "running"
 
     def summary(self) -> dict[str, Any]:
         """The run's results so far (test metrics are added by `finish`)."""
@@ -272,13 +318,16 @@ class Record:
                 "time/total_s": time.perf_counter() - start}
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: RunConfig, dataset: Dataset,
-                    metrics: dict[str, Any], epoch: int, train_b: Batches) -> None:
-    """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only)."""
+def save_checkpoint(path: Path, model: nn.Module, config: RunConfig, dataset: Dataset, metrics: dict[str, Any],
+                    epoch: int, train_b: Batches, resume: dict[str, Any] | None = None) -> None:
+    """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only);
+    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": model.state_dict(), "config": config.to_dict(), "metrics": metrics,
                "dataset": dataset.name, "classes": list(dataset.classes), "epoch": epoch,
                "mean": train_b.mean.cpu(), "std": train_b.std.cpu(), "format": 1}
+    if resume is not None:
+        payload["resume"] = resume
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

@@ -113,3 +113,18 @@ def test_l1_shrinks_weights(batches_dir: Path, tmp_path: Path) -> None:
         return sum(w.abs().sum().item() for w in weights.values() if w.ndim > 1)
 
     assert l1_norm(0.2) < 0.7 * l1_norm(0.0)
+
+
+def test_resume_continues_exactly(batches_dir: Path, tmp_path: Path) -> None:
+    straight, full = run(batches_dir, checkpoint_dir=tmp_path / "a", epochs=4, dropout=0.2)
+    config = RunConfig.from_dict({**TINY, "data_dir": str(batches_dir), "epochs": 4, "dropout": 0.2})
+    first = MemoryLogger()
+    stopped = train(config, first, checkpoint_dir=tmp_path / "b", should_stop=lambda: len(first.history) == 2)
+    assert stopped["state"] == "stopped" and stopped["epochs_run"] == 2
+    second = MemoryLogger()
+    resumed = train(config, second, checkpoint_dir=tmp_path / "b", resume=True)
+    assert [h["epoch"] for h in second.history] == [3, 4]
+    strip = lambda h: [{k: v for k, v in e.items() if not k.startswith(("time", "throughput"))} for e in h]
+    assert strip(first.history + second.history) == strip(full.history)
+    assert resumed["state"] == "finished" and resumed["test/acc"] == straight["test/acc"]
+    assert resumed["epochs_run"] == 4 and resumed["best_epoch"] == straight["best_epoch"]

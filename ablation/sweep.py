@@ -1,0 +1,172 @@
+"""Sweep files (W&B's YAML, unchanged): loading, validation against W&B's schema and RunConfig, and a
+small adapter over W&B's open-source `sweeps` engine (next run, hyperband stops) that hides its defects."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+from ablation.config import FIELD_TYPES, RunConfig
+from ablation.errors import ConfigError, SweepError
+
+# Metrics a sweep may optimise: logged every epoch, or written once in the summary.
+EPOCH_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
+SUMMARY_METRICS = ("best/val_acc", "best/val_loss", "test/acc", "test/loss")
+GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
+
+
+def load_sweep_file(path: Path) -> dict[str, Any]:
+    """Read a sweep YAML file and validate it; every problem is reported, nothing is created."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {path} does not exist; check the path (see sweeps/ for examples)") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep file {path} is not valid YAML ({' '.join(str(exc).split())}); fix its syntax") from None
+    if not isinstance(config, dict):
+        raise SweepError(f"sweep file {path} must be a mapping with method, metric and parameters")
+    validate_sweep(config)
+    return config
+
+
+def validate_sweep(config: dict[str, Any]) -> None:
+    """Check a sweep config with W&B's own schema and against RunConfig; raise one SweepError listing all problems."""
+    problems = schema_problems(config) or parameter_problems(config)
+    if problems:
+        raise SweepError("invalid sweep: " + "; ".join(problems))
+
+
+def schema_problems(config: dict[str, Any]) -> list[str]:
+    """W&B's JSON-schema violations (from the `sweeps` package), plus the methods we run."""
+    try:
+        problems = list(engine().schema_violations_from_proposed_config(config))
+    except ValueError as exc:
+        problems = [str(exc)]
+    if config.get("method") not in ("grid", "random", "bayes"):
+        problems.append(f"method {config.get('method')!r} is not supported; use grid, random or bayes")
+    return [" ".join(p.split()) for p in problems]
+
+
+def parameter_problems(config: dict[str, Any]) -> list[str]:
+    """Unknown or nested parameters, invalid values, empty grids, and a metric we never log."""
+    problems = []
+    for name, spec in config["parameters"].items():
+        if "parameters" in spec:
+            problems.append(f"parameter {name!r} is nested; W&B's grid search drops nested values, use flat names")
+        elif name not in FIELD_TYPES:
+            problems.append(_unknown(name))
+        else:
+            problems += _value_problems(name, spec, config["method"])
+    metric = config.get("metric", {}).get("name")
+    if metric is not None and metric not in EPOCH_METRICS + SUMMARY_METRICS:
+        problems.append(f"metric {metric!r} is never logged; use one of {', '.join(EPOCH_METRICS + SUMMARY_METRICS)}")
+    if config.get("early_terminate") and metric not in EPOCH_METRICS:
+        problems.append(f"early_terminate needs a per-epoch metric ({', '.join(EPOCH_METRICS)})")
+    return problems
+
+
+def _unknown(name: str) -> str:
+    try:
+        RunConfig.from_dict({name: None})
+    except ConfigError as exc:
+        return f"unknown parameter {str(exc).removeprefix('unknown run setting ')}"
+    return f"unknown parameter {name!r}"
+
+
+def _value_problems(name: str, spec: dict[str, Any], method: str) -> list[str]:
+    values = spec["values"] if "values" in spec else [spec[k] for k in ("value", "min", "max") if k in spec]
+    if "values" in spec and not spec["values"]:
+        return [f"parameter {name!r} has an empty values list; give at least one value"]
+    if method == "grid" and not ("values" in spec or "value" in spec or spec.get("distribution") in GRID_TYPES):
+        return [f"parameter {name!r} is a continuous range, which grid search cannot enumerate; give values"]
+    problems = []
+    for value in values:
+        try:
+            RunConfig.from_dict({name: value})
+        except ConfigError as exc:
+            problems.append(f"parameter {name!r}: {exc}")
+    return problems
+
+
+def grid_size(config: dict[str, Any]) -> int | None:
+    """Number of runs a grid sweep makes (None for random/bayes, which run until stopped or capped)."""
+    if config["method"] != "grid":
+        return None
+    size = 1
+    for spec in config["parameters"].values():
+        size *= len(grid_values(spec))
+    return size if not config.get("run_cap") else min(size, int(config["run_cap"]))
+
+
+def grid_values(spec: dict[str, Any]) -> list[Any]:
+    """The values a grid visits for one parameter spec (as W&B's grid search enumerates them)."""
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    if spec.get("distribution") == "int_uniform":
+        return list(range(spec["min"], spec["max"] + 1))
+    count = math.ceil((spec["max"] - spec["min"]) / spec["q"])  # q_uniform: arange(min, max, q)
+    return [spec["min"] + i * spec["q"] for i in range(count)]
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (which the `sweeps` package leaks into configs) -> Python values."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+
+
+def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[dict[str, Any]],
+              summary: dict[str, Any] | None) -> Any:
+    """A `sweeps.SweepRun` from our records, with its fields set by their Python names (not aliases)."""
+    engine_state = {"diverged": "failed", "stopped": "finished", "stopped_early": "finished"}.get(state, state)
+    run = engine().SweepRun(name=name, state=engine_state, config={k: {"value": v} for k, v in params.items()})
+    run.history = [dict(h) for h in history]
+    run.summary_metrics = dict(summary or {})
+    return run
+
+
+def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any] | None:
+    """The next run's parameters from W&B's search logic, or None when a grid is exhausted.
+
+    Random and bayes draws are seeded from (sweep seed, runs so far), so a sweep is reproducible;
+    the process-wide RNG states are restored afterwards."""
+    states = random.getstate(), _np_random().get_state()
+    digest = hashlib.sha256(f"{seed}:{len(runs)}".encode()).digest()
+    random.seed(digest)
+    _np_random().seed(int.from_bytes(digest[:4], "little"))
+    try:
+        suggestion = engine().next_run(config, runs)
+    finally:
+        random.setstate(states[0])
+        _np_random().set_state(states[1])
+    if suggestion is None:
+        return None
+    return {k: plain(v["value"]) for k, v in suggestion.config.items()}
+
+
+def to_stop(config: dict[str, Any], runs: list[Any]) -> set[str]:
+    """Names of running runs that hyperband early termination stops now (empty without early_terminate)."""
+    if not config.get("early_terminate"):
+        return set()
+    return {run.name for run in engine().stop_runs(config, runs)}
+
+
+def engine() -> Any:
+    """The `sweeps` package, imported without its pydantic-v1 config warning reaching the terminal."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sweeps
+    return sweeps
+
+
+def _np_random() -> Any:
+    import numpy as np
+
+    return np.random
