@@ -237,16 +237,15 @@ def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id prin
     console.print("  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False)
     _print_best(runs, config)
     _print_timing(runs, total)
-    table = Table("run", "state", "attempts", "params (varying)", config.get("metric", {}).get("name", "metric"), "error")
     metric = config.get("metric", {}).get("name")
     varying = [k for k, spec in config["parameters"].items() if "value" not in spec]
     for run in runs:
         value = _metric_value(store, run, metric)
-        table.add_row(run["id"], run["state"], str(run["attempts"]), " ".join(f"{k}={run['params'].get(k)}" for k in varying),
-                      f"{value:.4g}" if value is not None else "", (run["error"] or "").split("\n")[0][:60])
-    console.print(table)
-    console.print(f"store: {store.path}; W&B offline runs: {home() / 'wandb'} (upload with `wandb sync {home() / 'wandb'}/offline-run-*`)",
-                  highlight=False)
+        error = (run["error"] or "").split("\n")[0][:80]
+        say(f"  {run['id']}  {run['state']:<13} attempt {run['attempts']}  {metric or 'metric'} "
+            f"{f'{value:.2f}' if value is not None else '-':>6}  " + " ".join(f"{k}={run['params'].get(k)}" for k in varying)
+            + (f"  ({error})" if error else ""))
+    say(f"store: {store.path}; W&B offline runs: {home() / 'wandb'} (upload with `wandb sync {home() / 'wandb'}/offline-run-*`)")
 
 
 def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Optional[float]:

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data": ("auto", "cifar10", "folder", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
-    "preset": ("modern", "classic"),
+    "preset": (),  # filled from PRESETS below
 }
 
 # Numeric ranges as (low, high, high_inclusive); low is always inclusive.
@@ -120,6 +120,48 @@ PRESETS: dict[str, dict[str, Any]] = {
         "early_stopping": 0, "augment": "none",
     },
 }
+
+
+# The techniques that separate classic from modern, in the order the path study adds them; each names
+# the settings it changes. Path presets add them one at a time to classic; leave-one-out presets take
+# one away from modern (restoring its classic settings).
+TECHNIQUES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("relu", ("activation",)),
+    ("maxpool", ("pooling",)),
+    ("he_init", ("init",)),
+    ("batchnorm", ("norm",)),
+    ("nesterov", ("optimizer", "momentum")),
+    ("onecycle", ("schedule", "lr", "batch_size")),  # the one-cycle schedule with its peak lr and batch
+    ("augment", ("augment",)),
+    ("weight_decay", ("weight_decay",)),
+    ("label_smoothing", ("label_smoothing",)),
+)
+
+
+# Regularisers the modern recipe does not use; modern_plus_<name> adds one (the regularisation study).
+EXTRAS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("l1", {"l1": 1e-5}),
+    ("dropout", {"dropout": 0.2}),
+    ("early_stopping", {"early_stopping": 5}),
+)
+
+
+def _technique_presets() -> dict[str, dict[str, Any]]:
+    """path<k>_<technique> (classic + the first k techniques), modern_no_<technique>, modern_plus_<extra>."""
+    classic, modern = PRESETS["classic"], PRESETS["modern"]
+    presets, current = {}, dict(classic)
+    for k, (name, keys) in enumerate(TECHNIQUES[:-1], start=1):  # the last step is `modern` itself
+        current.update({key: modern[key] for key in keys})
+        presets[f"path{k}_{name}"] = dict(current)
+    for name, keys in TECHNIQUES:
+        presets[f"modern_no_{name}"] = {**modern, **{key: classic[key] for key in keys}}
+    for name, values in EXTRAS:
+        presets[f"modern_plus_{name}"] = {**modern, **values}
+    return presets
+
+
+PRESETS.update(_technique_presets())
+CHOICES["preset"] = tuple(PRESETS)
 
 
 def _unknown_message(unknown: list[str]) -> str:

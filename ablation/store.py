@@ -133,8 +133,8 @@ class Store:
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         """Per-epoch metrics of one run, by epoch."""
-        rows = self.db.execute("SELECT metrics FROM history WHERE run_id = ? ORDER BY epoch", (run_id,))
-        return [json.loads(r["metrics"]) for r in rows]
+        rows = self.db.execute("SELECT epoch, metrics FROM history WHERE run_id = ? ORDER BY epoch", (run_id,))
+        return [{**json.loads(r["metrics"]), "epoch": r["epoch"]} for r in rows]
 
     def claim(self, sweep_id: str, worker: str) -> Claim | str | None:
         """The next run for `worker`: a requeued one, else a new one from the search; WAIT or None (done)."""

@@ -36,15 +36,20 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
 
 def validate_sweep(config: dict[str, Any]) -> None:
     """Check a sweep config with W&B's own schema and against RunConfig; raise one SweepError listing all problems."""
-    problems = schema_problems(config) or parameter_problems(config)
+    params = config.get("parameters")
+    readable = isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values())
+    # Our checks first where they can run: their messages name the fix; W&B's schema then checks the rest.
+    problems = (parameter_problems(config) if readable else []) or schema_problems(config)
     if problems:
         raise SweepError("invalid sweep: " + "; ".join(problems))
 
 
 def schema_problems(config: dict[str, Any]) -> list[str]:
     """W&B's JSON-schema violations (from the `sweeps` package), plus the methods we run."""
+    sweeps = engine()
+    where = {e.message: ".".join(map(str, e.absolute_path)) for e in sweeps.config.schema.validator.iter_errors(config)}
     try:
-        problems = list(engine().schema_violations_from_proposed_config(config))
+        problems = [f"{where[m]}: {m}" if where.get(m) else m for m in sweeps.schema_violations_from_proposed_config(config)]
     except ValueError as exc:
         problems = [str(exc)]
     if config.get("method") not in ("grid", "random", "bayes"):
@@ -61,7 +66,7 @@ def parameter_problems(config: dict[str, Any]) -> list[str]:
         elif name not in FIELD_TYPES:
             problems.append(_unknown(name))
         else:
-            problems += _value_problems(name, spec, config["method"])
+            problems += _value_problems(name, spec, config.get("method"))
     metric = config.get("metric", {}).get("name")
     if metric is not None and metric not in EPOCH_METRICS + SUMMARY_METRICS:
         problems.append(f"metric {metric!r} is never logged; use one of {', '.join(EPOCH_METRICS + SUMMARY_METRICS)}")
@@ -78,7 +83,7 @@ def _unknown(name: str) -> str:
     return f"unknown parameter {name!r}"
 
 
-def _value_problems(name: str, spec: dict[str, Any], method: str) -> list[str]:
+def _value_problems(name: str, spec: dict[str, Any], method: str | None) -> list[str]:
     values = spec["values"] if "values" in spec else [spec[k] for k in ("value", "min", "max") if k in spec]
     if "values" in spec and not spec["values"]:
         return [f"parameter {name!r} has an empty values list; give at least one value"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -53,8 +55,8 @@ def write_folder(root: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own cache, data dir, run home and an offline W&B."""
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own cache, data dir, run home and W&B directory (W&B's process-wide state reset)."""
     monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LENET_DATA_DIR", str(tmp_path / "no-data-here"))
     monkeypatch.setenv("LENET_HOME", str(tmp_path / "home"))
@@ -62,6 +64,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()  # W&B caches its settings (e.g. WANDB_DIR) per process
 
 
 @pytest.fixture

@@ -1,0 +1,155 @@
+"""`lenet sweep` and `lenet agent` end to end: real processes, real training, a real kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ablation.agent import wandb_sweep_function
+from ablation.store import Store
+from cli import app
+from test_sweep import ROOT, write_smoke
+
+runner = CliRunner()
+
+
+def lenet(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def create(path: Path) -> str:
+    result = lenet("sweep", "create", path, "--backend", "local", "--seed", "0")
+    assert result.exit_code == 0, result.output
+    return result.output.split("created sweep ")[1].split()[0]
+
+
+def spawn_agent(sweep_id: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "agent", sweep_id, "--wandb", "disabled", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_running(store: Store, sweep_id: str, min_epochs: int, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for run in store.runs(sweep_id):
+            if run["state"] == "running" and len(store.history(run["id"])) >= min_epochs:
+                return run
+        time.sleep(0.1)
+    raise AssertionError("no run got going")
+
+
+@pytest.mark.slow
+def test_two_agents_and_a_kill_9(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "3")
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=20, batch_size=16))
+    store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
+    victim = spawn_agent(sweep_id)
+    killed = wait_for_running(store, sweep_id, min_epochs=2)
+    assert killed["pid"] == victim.pid
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    agents = [spawn_agent(sweep_id), spawn_agent(sweep_id)]  # two concurrent agents finish the sweep
+    outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), outputs
+    runs = store.runs(sweep_id)
+    assert len(runs) == 4 and all(r["state"] == "finished" for r in runs)
+    assert len({(r["params"]["activation"], r["params"]["seed"]) for r in runs}) == 4  # each grid point once
+    resumed = next(r for r in runs if r["id"] == killed["id"])
+    assert resumed["attempts"] == 2 and resumed["summary"]["epochs_run"] == 20
+    assert [h["epoch"] for h in store.history(killed["id"])] == list(range(1, 21))
+    assert "resuming" in "".join(outputs)
+    status = lenet("sweep", "status", sweep_id)
+    assert status.exit_code == 0 and "4 finished" in status.output and "best so far" in status.output
+
+
+def test_local_runs_are_wandb_offline_runs(folder_dir: Path, tmp_path: Path) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=1))
+    result = lenet("agent", sweep_id, "--count", "2", "--wandb", "offline")
+    assert result.exit_code == 0, result.output
+    offline = sorted(p.name for p in (Path(os.environ["LENET_HOME"]) / "wandb").glob("offline-run-*"))
+    assert [name[-len(sweep_id) - 4:] for name in offline] == [f"{sweep_id}-000", f"{sweep_id}-001"]
+    assert "2 finished" in lenet("sweep", "status", sweep_id).output
+
+
+def test_agent_finishes_a_sweep_and_status_reports_it(folder_dir: Path, tmp_path: Path) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
+    result = lenet("agent", sweep_id, "--wandb", "disabled")
+    assert result.exit_code == 0, result.output
+    assert f"sweep {sweep_id}: 4 finished, 0 failed" in result.output
+    listed = lenet("sweep", "ls")
+    assert sweep_id in listed.output and "4/4" in listed.output
+    status = lenet("sweep", "status", sweep_id)
+    assert "4 finished" in status.output and "activation=tanh seed=1" in status.output
+
+
+def test_failed_runs_are_recorded_and_retried(folder_dir: Path, tmp_path: Path) -> None:
+    path = write_smoke(tmp_path, folder_dir, epochs=1)
+    sweep_id = create(path)
+    (folder_dir / "test").rename(folder_dir / "moved")  # every run now fails on its data
+    result = lenet("agent", sweep_id, "--wandb", "disabled")
+    assert result.exit_code == 0 and "4 failed/diverged" in result.output and "--retry-failed" in result.output
+    assert "no image folder" in Store(Path(os.environ["LENET_HOME"]) / "lenet.db").runs(sweep_id)[0]["error"]
+    (folder_dir / "moved").rename(folder_dir / "test")
+    retried = lenet("agent", sweep_id, "--retry-failed", "--wandb", "disabled")
+    assert "requeued 4 failed run(s)" in retried.output and "4 finished, 0 failed" in retried.output
+
+
+def test_sweep_stop(folder_dir: Path, tmp_path: Path) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=1))
+    assert lenet("sweep", "stop", sweep_id).exit_code == 0
+    result = lenet("agent", sweep_id, "--wandb", "disabled")
+    assert "0 finished" in result.output
+
+
+BAD_SWEEPS = {
+    "malformed YAML": ("method: grid\nparameters: {lr: [0.1\n", "not valid YAML"),
+    "unknown method": ("method: hill\nparameters: {lr: {values: [0.1]}}\n", "method 'hill' is not supported"),
+    "unknown parameter": ("method: grid\nparameters: {activaton: {values: [relu]}}\n", "unknown parameter 'activaton' (did you mean 'activation'?)"),
+    "invalid value": ("method: grid\nparameters: {optimizer: {values: [sgd, lion]}}\n", "optimizer='lion' is not valid"),
+    "empty grid": ("method: grid\nparameters: {lr: {values: []}}\n", "empty values list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SWEEPS, ids=list(BAD_SWEEPS))
+def test_bad_sweep_files_create_nothing(case: str, tmp_path: Path) -> None:
+    text, message = BAD_SWEEPS[case]
+    (tmp_path / "bad.yaml").write_text(text)
+    result = lenet("sweep", "create", tmp_path / "bad.yaml", "--backend", "local")
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert Store().sweeps() == []
+
+
+def test_unknown_sweep_id_and_corrupt_store(tmp_path: Path) -> None:
+    result = lenet("agent", "nosuchid")
+    assert result.exit_code == 2 and "unknown sweep id 'nosuchid'" in result.output
+    assert lenet("sweep", "status", "nosuchid").exit_code == 2
+    db = Path(os.environ["LENET_HOME"]) / "lenet.db"
+    for sidecar in db.parent.glob("lenet.db-*"):  # WAL files: a copied or damaged store often lacks them
+        sidecar.unlink()
+    db.write_bytes(b"garbage" * 1000)
+    result = lenet("sweep", "ls")
+    assert result.exit_code == 2 and "corrupt or not a lenet store" in result.output
+
+
+def test_wandb_backend_without_login_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    result = lenet("sweep", "create", ROOT / "sweeps" / "smoke.yaml", "--backend", "wandb")
+    assert result.exit_code == 2 and "W&B could not create the sweep" in result.output
+    assert Store().sweeps() == []
+
+
+def test_wandb_agent_training_function_offline(folder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary = wandb_sweep_function({"data_dir": str(folder_dir), "val_size": 20, "batch_size": 32, "epochs": 1,
+                                    "activation": "tanh", "device": "cpu"})
+    assert summary["state"] == "finished" and summary["dataset"] == "tiny-png"
+    (run_dir,) = (Path(os.environ["WANDB_DIR"]) / "wandb").glob("offline-run-*")
+    (log,) = run_dir.glob("run-*.wandb")  # protobuf records: config keys and JSON values appear as text
+    data = log.read_bytes()
+    assert b"activation" in data and b'"tanh"' in data and b"weight_decay" in data and b"test/acc" in data

@@ -1,0 +1,172 @@
+"""Sweep files, validation, the `sweeps`-package adapter and the SQLite store."""
+
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ablation.errors import StoreError, SweepError
+from ablation.store import WAIT, Store
+from ablation.sweep import grid_size, load_sweep_file, plain, suggest, sweep_run, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
+STUDIES = [p for p in SWEEP_FILES if p.stem not in ("smoke", "search")]
+
+
+def grid(**parameters) -> dict:
+    return {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
+            "parameters": {k: ({"values": v} if isinstance(v, list) else {"value": v}) for k, v in parameters.items()}}
+
+
+def test_the_expected_sweep_files_exist() -> None:
+    names = {p.stem for p in SWEEP_FILES}
+    assert {"init", "optim", "reg", "activation", "path", "leave_one_out", "search", "smoke"} <= names
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_every_sweep_file_is_valid(path: Path) -> None:
+    config = load_sweep_file(path)  # W&B's schema and the run config
+    assert path.read_text().startswith("# Question:")
+    assert config["metric"] == {"name": "val/acc", "goal": "maximize"}
+    assert config["command"] == ["lenet", "train", "${args_no_hyphens}"]
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_cell_has_three_seeds(path: Path) -> None:
+    seeds = load_sweep_file(path)["parameters"]["seed"]["values"]
+    assert len(set(seeds)) >= 3
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"method": "grid", "parameters": {"lr": {"values": [0.1]}}, "metric": {"name": "val/acc", "goal": "up"}}, "goal"),
+    ({**grid(lr=[0.1]), "method": "hill_climb"}, "method"),
+    (grid(learning_rate=[0.1]), "unknown parameter 'learning_rate'"),
+    (grid(activation=["relu", "swish"]), "activation='swish' is not valid"),
+    (grid(lr=[]), "empty values list"),
+    (grid(lr=[-1.0]), "out of range"),
+    ({**grid(lr=[0.1]), "metric": {"name": "accuracy", "goal": "maximize"}}, "metric 'accuracy' is never logged"),
+    ({"method": "grid", "parameters": {"opt": {"parameters": {"lr": {"values": [0.1]}}}}}, "nested"),
+    ({"method": "grid", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "continuous range"),
+])
+def test_invalid_sweeps_are_rejected(config: dict, message: str) -> None:
+    with pytest.raises(SweepError, match=message):
+        validate_sweep(config)
+
+
+def test_grid_size_matches_the_engine() -> None:
+    config = grid(activation=["relu", "tanh"], seed=[0, 1, 2], epochs=2)
+    config["parameters"]["batch_size"] = {"distribution": "int_uniform", "min": 30, "max": 32}
+    assert grid_size(config) == 18
+    runs, params = [], suggest(config, [], 0)
+    while params is not None:
+        runs.append(sweep_run(f"r{len(runs)}", "finished", params, [], {}))
+        params = suggest(config, runs, 0)
+    assert len(runs) == 18 and len({tuple(sorted(r.config.items(), key=str)).__repr__() for r in runs}) == 18
+
+
+def test_engine_values_are_plain_python() -> None:
+    config = {"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.1},
+                                                 "batch_size": {"distribution": "q_uniform", "min": 32, "max": 256, "q": 32}}}
+    params = suggest(config, [], seed=1)
+    assert type(params["lr"]) is float and not isinstance(params["lr"], np.generic)
+    assert plain(np.int64(3)) == 3 and type(plain(np.float32(0.5))) is float
+
+
+def test_random_search_is_reproducible_from_the_sweep_seed() -> None:
+    config = {"method": "random", "parameters": {"lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}}}
+    draw = lambda seed: [suggest(config, [None] * i, seed)["lr"] for i in range(3)]
+    assert draw(7) == draw(7) and draw(7) != draw(8)
+    assert len(set(draw(7))) == 3
+
+
+def test_engine_sees_history_and_summary() -> None:
+    run = sweep_run("a", "finished", {"lr": 0.1}, [{"val/acc": 40.0}, {"val/acc": 55.0}], {"test/acc": 50.0})
+    assert run.metric_extremum("val/acc", "maximum") == 55.0 and run.summary_metrics == {"test/acc": 50.0}
+    assert sweep_run("b", "diverged", {}, [], None).state == "failed"
+
+
+def test_claims_are_unique_and_complete_across_processes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(activation=["relu", "tanh", "gelu"], seed=list(range(8))), seed=0)
+    with get_context("spawn").Pool(4) as pool:
+        claimed = sum(pool.starmap(claim_all, [(tmp_path / "lenet.db", sweep_id, f"w{i}") for i in range(4)]), [])
+    assert len(claimed) == 24 and len(set(claimed)) == 24
+    runs = store.runs(sweep_id)
+    assert len({(r["params"]["activation"], r["params"]["seed"]) for r in runs}) == 24
+    assert all(r["state"] == "finished" and r["attempts"] == 1 for r in runs)
+    assert store.sweep(sweep_id)["state"] == "finished"
+
+
+def claim_all(path: Path, sweep_id: str, worker: str) -> list[str]:
+    """Claim and immediately finish runs until the sweep is done (module-level for spawn)."""
+    store, got = Store(path), []
+    while (claim := store.claim(sweep_id, worker)) is not None:
+        if claim != WAIT:
+            got.append(claim.run_id)
+            store.finish(claim.run_id, "finished", {"best/val_acc": 1.0})
+    return got
+
+
+def test_dead_worker_run_is_requeued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(seed=[0, 1]), seed=0)
+    first = store.claim(sweep_id, "a")
+    second = store.claim(sweep_id, "a")
+    store.finish(second.run_id, "finished", {})
+    assert store.claim(sweep_id, "b") == WAIT  # the first run is in flight and alive
+    monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "0")
+    again = store.claim(sweep_id, "b")
+    assert again.run_id == first.run_id and again.attempt == 2 and again.params == first.params
+    store.finish(again.run_id, "finished", {})
+    assert store.claim(sweep_id, "b") is None
+
+
+def test_run_cap_retry_failed_and_stop(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    config = {"method": "random", "run_cap": 3, "parameters": {"lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}}}
+    sweep_id = store.create_sweep(config, seed=0)
+    ids = []
+    while (claim := store.claim(sweep_id, "w")) is not None:
+        ids.append(claim.run_id)
+        store.finish(claim.run_id, "failed" if len(ids) == 2 else "finished", error="boom")
+    assert len(ids) == 3
+    assert store.retry_failed(sweep_id) == 1
+    retry = store.claim(sweep_id, "w")
+    assert retry.run_id == ids[1] and retry.attempt == 2
+    store.set_sweep_state(sweep_id, "stopped")
+    assert store.claim(sweep_id, "w") is None
+
+
+def test_hyperband_stops_a_run_that_falls_behind(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    config = {**grid(seed=[0, 1, 2]), "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 2}}
+    sweep_id = store.create_sweep(config, seed=0)
+    good, better, bad = (store.claim(sweep_id, "w") for _ in range(3))
+    for epoch, values in enumerate([(50.0, 52.0, 20.0), (60.0, 55.0, 21.0)], start=1):
+        for claim, value in zip((good, better, bad), values):
+            store.log_epoch(claim.run_id, epoch, {"val/acc": value})
+    store.finish(good.run_id, "finished", {})
+    assert not store.should_stop(better.run_id)
+    assert store.should_stop(bad.run_id)
+
+
+def test_unknown_sweep_and_corrupt_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    with pytest.raises(SweepError, match="unknown sweep id 'nope'"):
+        store.claim("nope", "w")
+    (tmp_path / "bad.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="corrupt or not a lenet store"):
+        Store(tmp_path / "bad.db")
+
+
+def write_smoke(tmp_path: Path, data_dir: Path, **values) -> Path:
+    """sweeps/smoke.yaml pointed at tiny data (the test adds settings as constant parameters)."""
+    config = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    extra = {"data": "folder", "data_dir": str(data_dir), "val_size": 20, "batch_size": 32, "device": "cpu", **values}
+    config["parameters"].update({k: {"value": v} for k, v in extra.items()})
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
