@@ -324,6 +324,9 @@ def agent(
     gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweep's failed and diverged runs first.")] = False,
     wandb: Annotated[WandbMode, typer.Option(help="Local sweeps: log each run as a W&B run too (auto = offline unless logged in).")] = WandbMode.auto,
+    backend: Annotated[Backend, typer.Option(help="auto: the backend the sweep was created with here; wandb: any W&B sweep id.")] = Backend.auto,
+    project: Annotated[Optional[str], typer.Option(help="W&B project (W&B sweeps not created here).")] = None,
+    entity: Annotated[Optional[str], typer.Option(help="W&B entity (W&B sweeps not created here).")] = None,
 ) -> None:
     """Train the sweep's runs until it is done (local engine or W&B)."""
     from ablation.agent import plan_workers, run_agent, wandb_sweep_function
@@ -331,11 +334,14 @@ def agent(
     from ablation.tracking import wandb_mode
 
     store = run_guarded(Store)
-    sweep = run_guarded(store.sweep, sweep_id)
-    if sweep["backend"] == "wandb":
+    sweep = run_guarded(store.sweep, sweep_id) if backend != Backend.wandb else None
+    if sweep is None or sweep["backend"] == "wandb":
         import wandb as wb
 
-        wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=sweep["project"], entity=sweep["entity"])
+        if workers > 1:
+            fail("W&B sweeps run one agent per process: start `lenet agent` once per worker (or per machine)")
+        wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=project or (sweep or {}).get("project"),
+                 entity=entity or (sweep or {}).get("entity"))
         return
     if retry_failed:
         console.print(f"requeued {store.retry_failed(sweep_id)} failed run(s)", highlight=False)
