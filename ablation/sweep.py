@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ablation.config import FIELD_TYPES, RunConfig
 from ablation.errors import ConfigError, SweepError
@@ -129,7 +131,8 @@ def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[d
               summary: dict[str, Any] | None) -> Any:
     """A `sweeps.SweepRun` from our records, with its fields set by their Python names (not aliases)."""
     engine_state = {"diverged": "failed", "stopped": "finished", "stopped_early": "finished"}.get(state, state)
-    run = engine().SweepRun(name=name, state=engine_state, config={k: {"value": v} for k, v in params.items()})
+    with quiet():
+        run = engine().SweepRun(name=name, state=engine_state, config={k: {"value": v} for k, v in params.items()})
     run.history = [dict(h) for h in history]
     run.summary_metrics = dict(summary or {})
     return run
@@ -145,7 +148,8 @@ def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any
     random.seed(digest)
     _np_random().seed(int.from_bytes(digest[:4], "little"))
     try:
-        suggestion = engine().next_run(config, runs)
+        with quiet():
+            suggestion = engine().next_run(config, runs)
     finally:
         random.setstate(states[0])
         _np_random().set_state(states[1])
@@ -158,15 +162,21 @@ def to_stop(config: dict[str, Any], runs: list[Any]) -> set[str]:
     """Names of running runs that hyperband early termination stops now (empty without early_terminate)."""
     if not config.get("early_terminate"):
         return set()
-    return {run.name for run in engine().stop_runs(config, runs)}
+    with quiet():
+        return {run.name for run in engine().stop_runs(config, runs)}
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the `sweeps` package's pydantic-v1 config warning (raised on import and on first use)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")
+        yield
 
 
 def engine() -> Any:
-    """The `sweeps` package, imported without its pydantic-v1 config warning reaching the terminal."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """The `sweeps` package, imported quietly."""
+    with quiet():
         import sweeps
     return sweeps
 

@@ -87,3 +87,22 @@ def test_config_file(tmp_path) -> None:
         load_config_file(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file(tmp_path / "missing.yaml")
+
+
+def test_path_presets_add_one_technique_at_a_time() -> None:
+    from ablation.config import TECHNIQUES
+
+    chain = ["classic"] + [f"path{k}_{name}" for k, (name, _) in enumerate(TECHNIQUES[:-1], 1)] + ["modern"]
+    for (before, after), (_, keys) in zip(zip(chain, chain[1:]), TECHNIQUES):
+        changed = {k for k in PRESETS[after] if PRESETS[after][k] != PRESETS[before][k]}
+        assert changed and changed <= set(keys), (before, after, changed)
+
+
+def test_leave_one_out_presets_restore_classic_settings() -> None:
+    from ablation.config import TECHNIQUES
+
+    for name, keys in TECHNIQUES:
+        variant = PRESETS[f"modern_no_{name}"]
+        assert {k for k in variant if variant[k] != PRESETS["modern"][k]} == {k for k in keys if PRESETS["classic"][k] != PRESETS["modern"][k]}
+        assert all(variant[k] == PRESETS["classic"][k] for k in keys)
+    assert RunConfig.from_dict({"preset": "modern_plus_dropout"}).dropout > 0
