@@ -359,6 +359,80 @@ def agent(
                   + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""), highlight=False)
 
 
+def load_results(sources: list[str]) -> Any:
+    """Sweep ids (local store), W&B paths (entity/project/id) or bundle files, merged into one Results."""
+    from analysis.results import from_store, from_wandb, merge, read_bundle
+    from ablation.store import Store
+
+    parts = []
+    for source in sources:
+        if Path(source).exists() or source.endswith(".json"):
+            parts.append(read_bundle(Path(source)))
+        elif source.count("/") == 2:
+            parts.append(from_wandb(source))
+        else:
+            store = Store()
+            sweep = store.sweep(source)
+            parts.append(from_wandb(f"{sweep['entity']}/{sweep['project']}/{source}") if sweep["backend"] == "wandb"
+                         else from_store(store, source))
+    return merge(parts)
+
+
+@sweep_app.command("export")
+def sweep_export(
+    sweep_id: Annotated[str, typer.Argument(help="A sweep id (local or W&B) or entity/project/id.")],
+    file: Annotated[Path, typer.Argument(help="Where to write the JSON results bundle.")],
+) -> None:
+    """Write a self-contained results bundle (configs, summaries, histories, dataset, versions)."""
+    from analysis.results import write_bundle
+
+    results = run_guarded(load_results, [sweep_id])
+    write_bundle(results, file)
+    say(f"wrote {file}: {len(results.runs)} runs of sweep {sweep_id} ({file.stat().st_size / 1024:.0f} KiB)")
+
+
+@app.command()
+def report(
+    sources: Annotated[list[str], typer.Argument(help="Sweep ids, entity/project/id W&B paths, or bundle files (merged).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md, CSV and PNG files.")] = Path("report"),
+    wandb: Annotated[bool, typer.Option("--wandb", help="Also build a W&B Report (needs a W&B login) and print its URL.")] = False,
+    project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "lenet",
+    entity: Annotated[Optional[str], typer.Option(help="W&B entity for --wandb.")] = None,
+) -> None:
+    """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
+    from analysis.report import wandb_report, write_report
+    from analysis.tables import format_effects, effects, factors, seed_table
+
+    results = run_guarded(load_results, sources)
+    if results.runs.empty:
+        fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
+    for sweep_id, meta in results.sweeps.items():
+        _print_table(f"{meta['name']}: comparison (mean ± std over seeds)", seed_table(results, sweep_id))
+        if factors(meta["config"]):
+            _print_table(f"{meta['name']}: effects (95% CI)", format_effects(effects(results, sweep_id)))
+    path = write_report(results, out, sources, "lenet report " + " ".join(sources) + f" --out {out}")
+    say(f"wrote {path} (+ CSV and PNG files in {out})")
+    if wandb:
+        built = run_guarded(_save_wandb_report, wandb_report(results, entity, project))
+        say(f"W&B report: {built}")
+
+
+def _save_wandb_report(report: Any) -> str:
+    from ablation.errors import TrackingError
+
+    try:
+        return report.save().url
+    except Exception as exc:
+        raise TrackingError(f"could not save the W&B report ({type(exc).__name__}); run `wandb login` and check --entity/--project") from None
+
+
+def _print_table(title: str, frame: Any) -> None:
+    table = Table(*[str(c) for c in frame.columns], title=title)
+    for row in frame.itertuples(index=False):
+        table.add_row(*[str(v) for v in row])
+    console.print(table)
+
+
 def main() -> None:
     """Entry point for `python cli.py`."""
     app()

@@ -33,7 +33,18 @@ def load_sweep_file(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise SweepError(f"sweep file {path} must be a mapping with method, metric and parameters")
     validate_sweep(config)
-    return config
+    question = leading_comment(Path(path).read_text())
+    return {**config, "description": config.get("description", question)} if question else config
+
+
+def leading_comment(text: str) -> str:
+    """The comment block a sweep file starts with (the question it answers), as one line."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
 
 
 def validate_sweep(config: dict[str, Any]) -> None:

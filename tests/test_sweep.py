@@ -164,9 +164,10 @@ def test_unknown_sweep_and_corrupt_store(tmp_path: Path) -> None:
 
 def write_smoke(tmp_path: Path, data_dir: Path, **values) -> Path:
     """sweeps/smoke.yaml pointed at tiny data (the test adds settings as constant parameters)."""
-    config = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    original = (ROOT / "sweeps" / "smoke.yaml").read_text()
+    config = yaml.safe_load(original)
     extra = {"data": "folder", "data_dir": str(data_dir), "val_size": 20, "batch_size": 32, "device": "cpu", **values}
     config["parameters"].update({k: {"value": v} for k, v in extra.items()})
     path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(original.splitlines()[0] + "\n" + yaml.safe_dump(config))  # keep the question comment
     return path

@@ -1,0 +1,110 @@
+"""PNG plots: learning curves with a band over seeds, effect charts with 95% CIs, and the classic-to-modern waterfall."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.results import Results
+from analysis.tables import counted, effects, factors, levels
+
+JPEG_NOTE = "CIFAR-10 re-encoded as JPEG (cifar10-jpg)"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) -> Path:
+    """Val accuracy and loss against epoch: per level of `factor`, the mean over runs with a ±1 std band."""
+    plt = _pyplot()
+    config = results.sweeps[sweep_id]["config"]
+    runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for level in levels(config, factor, runs):
+        ids = runs[runs[factor] == level]["run_id"]
+        hist = results.history[results.history["run_id"].isin(ids)]
+        if hist.empty:
+            continue
+        for ax, metric in zip(axes, ("val/acc", "val/loss")):
+            stats = hist.groupby("epoch")[metric].agg(["mean", "std"]).fillna(0.0)
+            line, = ax.plot(stats.index, stats["mean"], label=f"{level} (n={len(ids)})")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=line.get_color(), alpha=0.2)
+    for ax, label in zip(axes, ("validation accuracy (%)", "validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title=factor)
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} (mean ± 1 std over seeds; {_dataset(results)})")
+    return _save(fig, path)
+
+
+def effect_chart(results: Results, sweep_id: str, path: Path) -> Path:
+    """Per factor (and context), each level's mean val and test accuracy with 95% CI error bars."""
+    plt = _pyplot()
+    table = effects(results, sweep_id)
+    panels = list(table.groupby(["factor", "context"], sort=False))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)), squeeze=False)
+    for ax, ((factor, context), group) in zip(axes[:, 0], panels):
+        y = range(len(group))
+        for offset, (metric, colour) in enumerate((("val_acc", "tab:blue"), ("test_acc", "tab:orange"))):
+            ci = [0 if math.isnan(h) else h for h in group[f"{metric}_ci"]]
+            ax.errorbar(group[metric], [i + 0.15 * (offset * 2 - 1) for i in y], xerr=ci, fmt="o", color=colour,
+                        capsize=3, label=metric.replace("_", " ").replace("acc", "accuracy"))
+        ax.set_yticks(list(y), [str(level) for level in group["level"]])
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{factor}" + (f" ({context})" if context else ""), fontsize=10)
+        ax.set_xlabel("accuracy (%), mean with 95% CI over seeds")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: effects ({_dataset(results)})")
+    return _save(fig, path)
+
+
+def waterfall(results: Results, sweep_id: str, path: Path) -> Path:
+    """Cumulative gains in test accuracy from the first level (classic) through each added technique."""
+    plt = _pyplot()
+    table = effects(results, sweep_id)
+    steps = table[table["factor"] == factors(results.sweeps[sweep_id]["config"])[0]]
+    means = list(steps["test_acc"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(means)), 4.8))
+    ax.bar(0, means[0], color="tab:gray")
+    for i in range(1, len(means)):
+        gain = means[i] - means[i - 1]
+        ax.bar(i, gain, bottom=means[i - 1], color="tab:green" if gain >= 0 else "tab:red")
+        ax.text(i, max(means[i], means[i - 1]) + 0.3, f"{gain:+.1f}", ha="center", fontsize=8)
+    ax.text(0, means[0] + 0.3, f"{means[0]:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(means)), [str(level) for level in steps["level"]], rotation=30, ha="right")
+    low = min(means) - 5
+    ax.set_ylim(max(0, low), max(means) + 3)
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{results.sweeps[sweep_id]['name']}: cumulative gain of each technique ({_dataset(results)})")
+    return _save(fig, path)
+
+
+def is_path_study(results: Results, sweep_id: str) -> bool:
+    """A study that adds one technique at a time: a single preset factor from classic to modern."""
+    keys = factors(results.sweeps[sweep_id]["config"])
+    values = results.sweeps[sweep_id]["config"]["parameters"].get("preset", {}).get("values", [])
+    return keys == ["preset"] and len(values) > 2 and values[0] == "classic" and values[-1] == "modern"
+
+
+def _dataset(results: Results) -> str:
+    names = sorted({str(d) for d in results.runs.get("dataset", pd.Series(dtype=str)).dropna()})
+    return JPEG_NOTE if names == ["cifar10-jpg"] else ", ".join(names) or "no dataset recorded"
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path

@@ -1,0 +1,190 @@
+"""Tables from runs: the seed-style comparison table, per-factor effects with 95% CIs, best configurations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from analysis.results import COUNTED, Results
+
+CONFIDENCE = 0.95
+CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
+
+
+def _t(df: float) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + CONFIDENCE / 2, df))
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float, int, float]:
+    """(mean, std, n, half-width of the 95% t-interval); std and CI are NaN for n < 2."""
+    v = pd.Series(values, dtype=float).dropna()
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0, math.nan
+    std = float(v.std(ddof=1)) if n > 1 else math.nan
+    return float(v.mean()), std, n, _t(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+
+
+def diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float]:
+    """Mean of a minus mean of b and the half-width of its 95% Welch interval (NaN when either n < 2)."""
+    ma, sa, na, _ = mean_ci(a)
+    mb, sb, nb, _ = mean_ci(b)
+    if na < 2 or nb < 2:
+        return ma - mb, math.nan
+    va, vb = sa**2 / na, sb**2 / nb
+    if va + vb == 0:
+        return ma - mb, 0.0
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch-Satterthwaite
+    return ma - mb, _t(df) * math.sqrt(va + vb)
+
+
+def factors(sweep_config: dict[str, Any]) -> list[str]:
+    """The swept parameters a study compares: every parameter with several listed values, except the seed
+    (continuous search ranges are not levels; a search is summarised by its best configurations)."""
+    return [name for name, spec in sweep_config["parameters"].items()
+            if name != "seed" and len(spec.get("values", [])) > 1]
+
+
+def levels(sweep_config: dict[str, Any], factor: str, runs: pd.DataFrame) -> list[Any]:
+    """A factor's levels in the order the sweep file lists them (the first is the baseline)."""
+    spec = sweep_config["parameters"][factor]
+    listed = list(spec.get("values", []))
+    seen = [v for v in pd.unique(runs[factor]) if v not in listed]
+    return listed + sorted(seen, key=str)
+
+
+def counted(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs whose metrics enter means (finished or stopped early); the others are reported separately."""
+    return runs[runs["state"].isin(COUNTED)]
+
+
+def fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """`mean ± std (n)`; a dash when there is nothing to show."""
+    if n == 0 or math.isnan(mean):
+        return "–"
+    spread = f" ± {std:.{digits}f}" if not math.isnan(std) else ""
+    return f"{mean:.{digits}f}{spread} (n={n})"
+
+
+def describe_regularisation(row: pd.Series) -> str:
+    """The regularisers a config uses, in words."""
+    parts = [("BN" if row.get("norm") == "batch" else ""), (f"aug {row['augment']}" if row.get("augment") not in (None, "none") else ""),
+             (f"wd {row['weight_decay']:g}" if row.get("weight_decay") else ""), (f"L1 {row['l1']:g}" if row.get("l1") else ""),
+             (f"dropout {row['dropout']:g}" if row.get("dropout") else ""), (f"LS {row['label_smoothing']:g}" if row.get("label_smoothing") else ""),
+             (f"early stop {int(row['early_stopping'])}" if row.get("early_stopping") else "")]
+    return ", ".join(p for p in parts if p) or "none"
+
+
+def describe_optimisation(row: pd.Series) -> str:
+    """Optimiser, peak lr, schedule and batch size, in words."""
+    momentum = f" {row['momentum']:g}" if row.get("optimizer") in ("momentum", "nesterov") else ""
+    return f"{row.get('optimizer')}{momentum}, lr {row.get('lr'):g}, {row.get('schedule')}, batch {int(row.get('batch_size'))}"
+
+
+def variant_name(keys: list[str], values: tuple[Any, ...]) -> str:
+    """`factor=level, ...` (or just the preset's name)."""
+    if keys == ["preset"]:
+        return str(values[0])
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "all runs"
+
+
+def seed_table(results: Results, sweep_id: str) -> pd.DataFrame:
+    """The seed project's table, generated: one row per variant, each cell mean ± std over seeds with n."""
+    config = results.sweeps[sweep_id]["config"]
+    runs = results.runs[results.runs["sweep_id"] == sweep_id]
+    keys = factors(config)
+    rows = []
+    for values, group in (runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]):
+        values = values if isinstance(values, tuple) else (values,)
+        ok, first = counted(group), group.iloc[0]
+        cell = lambda col: fmt(*mean_ci(ok[col])[:3]) if col in ok else "–"
+        rows.append({"Model/variant": variant_name(keys, values), "Activation": first["activation"], "Pooling": first["pooling"],
+                     "Regularisation": describe_regularisation(first), "Initialisation": first["init"],
+                     "Optimisation": describe_optimisation(first), "# Epochs": int(first["epochs"]),
+                     "Loss": cell("best/train_loss"), "Accuracy": cell("best/train_acc"), "Val Loss": cell("best/val_loss"),
+                     "Val Accuracy": cell("best/val_acc"), "Test Accuracy": cell("test/acc"),
+                     "Not counted": _not_counted(group)})
+    return pd.DataFrame(rows)
+
+
+def _not_counted(group: pd.DataFrame) -> str:
+    """e.g. `1 diverged, 2 failed`: runs that are shown but kept out of the means."""
+    other = group[~group["state"].isin(COUNTED)]["state"].value_counts()
+    return ", ".join(f"{n} {state}" for state, n in other.items())
+
+
+def effects(results: Results, sweep_id: str) -> pd.DataFrame:
+    """Per factor and level (within each combination of the other factors): val/test accuracy with 95% CIs,
+    the difference from the baseline level with its CI, whether that is within noise, convergence and gap."""
+    config = results.sweeps[sweep_id]["config"]
+    runs = results.runs[results.runs["sweep_id"] == sweep_id]
+    rows = []
+    for factor in factors(config):
+        others = [f for f in factors(config) if f != factor]
+        contexts = runs.groupby(others, sort=False) if others else [((), runs)]
+        for context, block in contexts:
+            context = context if isinstance(context, tuple) else (context,)
+            order = levels(config, factor, block)
+            base = counted(block[block[factor] == order[0]])
+            for level in order:
+                rows.append(_effect_row(factor, level, order[0], others, context, block, base))
+    return pd.DataFrame(rows)
+
+
+def _effect_row(factor: str, level: Any, baseline: Any, others: list[str], context: tuple, block: pd.DataFrame,
+                base: pd.DataFrame) -> dict[str, Any]:
+    group = block[block[factor] == level]
+    ok = counted(group)
+    val, test = mean_ci(ok["best/val_acc"]), mean_ci(ok["test/acc"])
+    d_val, d_val_ci = diff_ci(ok["best/val_acc"], base["best/val_acc"])
+    d_test, d_test_ci = diff_ci(ok["test/acc"], base["test/acc"])
+    reached = ok[f"epochs_to/val_acc_{CONVERGENCE}"].dropna() if f"epochs_to/val_acc_{CONVERGENCE}" in ok else pd.Series(dtype=float)
+    verdict = "baseline" if level == baseline else _verdict(d_val, d_val_ci)
+    return {"factor": factor, "context": variant_name(others, context) if others else "", "level": level, "n": val[2],
+            "not counted": _not_counted(group), "val_acc": val[0], "val_acc_ci": val[3], "test_acc": test[0], "test_acc_ci": test[3],
+            "diff_val_acc": d_val, "diff_val_acc_ci": d_val_ci, "diff_test_acc": d_test, "diff_test_acc_ci": d_test_ci,
+            "verdict": verdict, f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
+            f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}", "gap": mean_ci(ok["gap/train_val_acc"])[0]}
+
+
+def _verdict(diff: float, half_width: float) -> str:
+    """`better`/`worse` when the 95% CI of the difference excludes zero, else `within noise`."""
+    if math.isnan(half_width):
+        return "no CI (n < 2)"
+    if abs(diff) <= half_width:
+        return "within noise"
+    return "better" if diff > 0 else "worse"
+
+
+def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
+    """The k variants with the highest mean validation accuracy (test accuracy shown, never used to choose)."""
+    table = seed_table(results, sweep_id)
+    config = results.sweeps[sweep_id]["config"]
+    runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
+    keys = factors(config)
+    if not keys or runs.empty:
+        return table.head(k)
+    means = runs.groupby(keys, sort=False)["best/val_acc"].mean().sort_values(ascending=False)
+    names = [variant_name(keys, v if isinstance(v, tuple) else (v,)) for v in means.index]
+    return table.set_index("Model/variant").loc[names[:k]].reset_index()
+
+
+def format_effects(table: pd.DataFrame) -> pd.DataFrame:
+    """Effects as display strings: `mean ± CI` and `+diff ± CI`."""
+    out = pd.DataFrame({"factor": table["factor"], "context": table["context"], "level": table["level"], "n": table["n"]})
+    pm = lambda m, h: "–" if math.isnan(m) else (f"{m:.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+    signed = lambda m, h: "–" if math.isnan(m) else (f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+    out["val acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["val_acc"], table["val_acc_ci"])]
+    out["test acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["test_acc"], table["test_acc_ci"])]
+    out["Δ val vs baseline"] = [signed(m, h) for m, h in zip(table["diff_val_acc"], table["diff_val_acc_ci"])]
+    out["Δ test vs baseline"] = [signed(m, h) for m, h in zip(table["diff_test_acc"], table["diff_test_acc_ci"])]
+    out["verdict (val)"] = table["verdict"]
+    out[f"epochs to {CONVERGENCE}% val"] = [f"{e:.1f}" if not math.isnan(e) else "–" for e in table[f"epochs_to_{CONVERGENCE}"]]
+    out[f"reached {CONVERGENCE}%"] = table[f"reached_{CONVERGENCE}"]
+    out["gap (train−val)"] = [f"{g:.2f}" if not math.isnan(g) else "–" for g in table["gap"]]
+    out["not counted"] = table["not counted"]
+    return out

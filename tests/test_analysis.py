@@ -1,0 +1,112 @@
+"""Analysis on run records with known, planted effects, and the real pipeline: store -> bundle -> report."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from analysis.report import wandb_report, write_report
+from analysis.results import from_records, full_config, merge, read_bundle, write_bundle
+from analysis.tables import effects, seed_table
+from cli import app
+from test_sweep import write_smoke
+
+EFFECT = {"relu": 0.0, "gelu": 3.0, "tanh": -4.0}  # planted val/test accuracy differences vs relu (baseline)
+SWEEP = {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
+         "parameters": {"activation": {"values": list(EFFECT)}, "pooling": {"values": ["max", "avg"]},
+                        "seed": {"values": list(range(6))}}}
+
+
+def planted(noise: float = 0.5, seed: int = 0) -> list[dict]:
+    """Runs whose accuracy is 60 + the activation's effect + noise; pooling has no effect at all."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for act in EFFECT:
+        for pool in ("max", "avg"):
+            for s in range(6):
+                val = 60 + EFFECT[act] + rng.normal(0, noise)
+                history = [{"epoch": e, "val/acc": val * e / 5, "val/loss": 2.0 - e / 5} for e in range(1, 6)]
+                summary = {"best/val_acc": val, "test/acc": val - 1 + rng.normal(0, noise), "best/val_loss": 1.0,
+                           "best/train_acc": val + 2, "best/train_loss": 0.9, "gap/train_val_acc": 2.0,
+                           "epochs_to/val_acc_60": 5 if val >= 60 else None, "dataset": "cifar10-jpg", "state": "finished"}
+                records.append({"id": f"r-{act}-{pool}-{s}", "sweep_id": "syn", "state": "finished",
+                                "config": full_config({"activation": act, "pooling": pool, "seed": s}),
+                                "summary": summary, "history": history})
+    records.append({"id": "r-diverged", "sweep_id": "syn", "state": "diverged", "config": full_config({"activation": "tanh", "pooling": "max", "seed": 9}),
+                    "summary": {"best/val_acc": None, "test/acc": None}, "history": []})
+    return records
+
+
+@pytest.fixture
+def results():
+    return from_records(planted(), {"syn": {"name": "synthetic", "backend": "local", "config": SWEEP}})
+
+
+def test_effects_recover_planted_differences(results) -> None:
+    table = effects(results, "syn")
+    act = table[(table["factor"] == "activation") & (table["context"] == "pooling=max")].set_index("level")
+    for level, effect in EFFECT.items():
+        diff, half = act.loc[level, "diff_val_acc"], act.loc[level, "diff_val_acc_ci"]
+        if level == "relu":
+            assert act.loc[level, "verdict"] == "baseline" and diff == 0
+            continue
+        assert abs(diff - effect) <= half, (level, diff, half)  # the CI covers the planted effect
+        assert act.loc[level, "verdict"] == ("better" if effect > 0 else "worse")
+    assert act.loc["relu", "val_acc"] == pytest.approx(60, abs=0.6)
+
+
+def test_a_factor_without_effect_is_within_noise(results) -> None:
+    table = effects(results, "syn")
+    pool = table[(table["factor"] == "pooling") & (table["level"] == "avg")]
+    assert len(pool) == 3 and set(pool["verdict"]) == {"within noise"}
+    assert (pool["diff_val_acc"].abs() <= pool["diff_val_acc_ci"]).all()
+
+
+def test_failed_runs_are_counted_not_averaged(results) -> None:
+    table = seed_table(results, "syn")
+    row = table[table["Model/variant"] == "activation=tanh, pooling=max"].iloc[0]
+    assert row["Not counted"] == "1 diverged" and "(n=6)" in row["Val Accuracy"]
+    assert list(table.columns[:7]) == ["Model/variant", "Activation", "Pooling", "Regularisation", "Initialisation",
+                                       "Optimisation", "# Epochs"]
+    assert row["Regularisation"] == "BN, aug crop_flip, wd 0.0005, LS 0.1"
+
+
+def test_bundle_round_trip_and_merge(results, tmp_path: Path) -> None:
+    write_bundle(results, tmp_path / "a.json")
+    back = read_bundle(tmp_path / "a.json")
+    pd.testing.assert_frame_equal(seed_table(back, "syn"), seed_table(results, "syn"))
+    assert len(merge([back, back]).runs) == len(results.runs)
+
+
+def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
+    path = write_report(results, tmp_path / "out", ["synthetic"], "lenet report synthetic")
+    text = path.read_text()
+    assert "cifar10-jpg" in text and "JPEG" in text and "within noise" in text and "| Model/variant |" in text
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["synthetic-curves-activation.png", "synthetic-curves-pooling.png", "synthetic-effects.png"]
+    assert all(f"]({name})" in text for name in pngs)
+    report = wandb_report(results, "me", "lenet")
+    kinds = [type(block).__name__ for block in report.blocks]
+    assert kinds[:2] == ["H1", "P"] and "PanelGrid" in kinds and kinds.count("MarkdownBlock") == 2
+    grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
+    assert [type(p).__name__ for p in grid.panels] == ["LinePlot", "LinePlot", "ParallelCoordinatesPlot",
+                                                       "ParameterImportancePlot", "RunComparer"]
+    assert grid.panels[0].groupby == "config.activation" and grid.runsets[0].filters == "Sweep = 'syn'"
+
+
+def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    created = runner.invoke(app, ["sweep", "create", str(write_smoke(tmp_path, folder_dir, epochs=2)), "--backend", "local"])
+    sweep_id = created.output.split("created sweep ")[1].split()[0]
+    assert runner.invoke(app, ["agent", sweep_id, "--wandb", "disabled"]).exit_code == 0
+    exported = runner.invoke(app, ["sweep", "export", sweep_id, str(tmp_path / "smoke.json")])
+    assert exported.exit_code == 0 and "4 runs" in exported.output
+    result = runner.invoke(app, ["report", str(tmp_path / "smoke.json"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Question: does the whole pipeline" in text and "Dataset: tiny-png" in text and "| activation=tanh |" in text
+    assert (tmp_path / "report" / "smoke-curves-activation.png").stat().st_size > 10_000
+    missing = runner.invoke(app, ["report", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
