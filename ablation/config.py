@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ablation.errors import ConfigError
+from ablation.errors import ConfigError, LenetError
 
 # Valid values of every categorical setting; the error for a bad value lists these.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -212,26 +212,27 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a flat YAML mapping of settings (W&B's `{value: x}` entries are unwrapped)."""
+def read_yaml(path: Path, what: str, error: type[LenetError]) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes `error` naming `what` it is."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; check the path") from None
+        raise error(f"{what} {path} does not exist; check the path") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({_first_line(exc)}); fix its syntax") from None
+        raise error(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())}); fix its syntax") from None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a flat YAML mapping of settings (W&B's `{value: x}` entries are unwrapped)."""
+    data = read_yaml(path, "config file", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value, e.g. 'lr: 0.01'")
     return {k: (v["value"] if isinstance(v, dict) and "value" in v else v)
             for k, v in data.items() if not str(k).startswith("_")}
-
-
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def describe() -> list[tuple[str, str, str, str]]:

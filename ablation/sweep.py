@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ablation.config import FIELD_TYPES, RunConfig
+from ablation.config import FIELD_TYPES, RunConfig, read_yaml
 from ablation.errors import ConfigError, SweepError
 
 # Metrics a sweep may optimise: logged every epoch, or written once in the summary.
@@ -22,14 +22,7 @@ GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
 
 def load_sweep_file(path: Path) -> dict[str, Any]:
     """Read a sweep YAML file and validate it; every problem is reported, nothing is created."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise SweepError(f"sweep file {path} does not exist; check the path (see sweeps/ for examples)") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {path} is not valid YAML ({' '.join(str(exc).split())}); fix its syntax") from None
+    config = read_yaml(path, "sweep file", SweepError)
     if not isinstance(config, dict):
         raise SweepError(f"sweep file {path} must be a mapping with method, metric and parameters")
     validate_sweep(config)
