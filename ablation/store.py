@@ -212,7 +212,8 @@ class Store:
         return count
 
     def should_stop(self, run_id: str) -> bool:
-        """True when the sweep was stopped or hyperband stops this run now (per W&B's `stop_runs`)."""
+        """True when hyperband early termination stops this run now (per W&B's `stop_runs`).
+        A stopped sweep lets runs in progress finish, as W&B does."""
         row = self.db.execute("SELECT sweep_id FROM runs WHERE id = ?", (run_id,)).fetchone()
         sweep = self.sweep(row["sweep_id"])
         if not sweep["config"].get("early_terminate"):
