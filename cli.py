@@ -107,10 +107,15 @@ def train(
     name = run.id if run is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     console.print(f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} "
                   f"device={config.device}", highlight=False)
-    with _progress() as progress:
-        terminal = TerminalLogger(progress, config.epochs)
-        logger = FanOut(terminal, WandbLogger(run)) if run is not None else terminal
-        summary = run_guarded(train_run, config, logger, checkpoint_dir=out / name, dataset=dataset)
+    try:
+        with _progress() as progress:
+            terminal = TerminalLogger(progress, config.epochs)
+            logger = FanOut(terminal, WandbLogger(run)) if run is not None else terminal
+            summary = run_guarded(train_run, config, logger, checkpoint_dir=out / name, dataset=dataset)
+    except KeyboardInterrupt:
+        if run is not None:
+            run.finish(exit_code=130)
+        fail(f"interrupted; the last finished epoch is saved in {out / name}/last.pt")
     if run is not None:
         run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
     console.print(_summary_table(summary))
