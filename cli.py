@@ -411,10 +411,14 @@ def report(
     results = run_guarded(load_results, sources)
     if results.runs.empty:
         fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
-    for sweep_id, meta in results.sweeps.items():
-        _print_table(f"{meta['name']}: comparison (mean ± std over seeds)", seed_table(results, sweep_id))
+    for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
+        table = seed_table(results, sweep_id)
+        _print_table(f"{meta['name']}: comparison (mean ± std over seeds)",
+                     table[["Model/variant", "# Epochs", "Val Accuracy", "Test Accuracy", "Not counted"]])
         if factors(meta["config"]):
-            _print_table(f"{meta['name']}: effects (95% CI)", format_effects(effects(results, sweep_id)))
+            effect = format_effects(effects(results, sweep_id))
+            _print_table(f"{meta['name']}: effects (95% CI)", effect[["factor", "context", "level", "n", "val acc % (95% CI)",
+                                                                         "Δ val vs baseline", "verdict (val)", "test acc % (95% CI)"]])
     path = write_report(results, out, sources, "lenet report " + " ".join(sources) + f" --out {out}")
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:

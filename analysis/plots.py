@@ -72,7 +72,7 @@ def waterfall(results: Results, sweep_id: str, path: Path) -> Path:
     """Cumulative gains in test accuracy from the first level (classic) through each added technique."""
     plt = _pyplot()
     table = effects(results, sweep_id)
-    steps = table[table["factor"] == factors(results.sweeps[sweep_id]["config"])[0]]
+    steps = table[table["factor"] == factors(results.sweeps[sweep_id]["config"])[0]].dropna(subset=["test_acc"])
     means = list(steps["test_acc"])
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(means)), 4.8))
     ax.bar(0, means[0], color="tab:gray")

@@ -130,7 +130,7 @@ def effects(results: Results, sweep_id: str) -> pd.DataFrame:
             context = context if isinstance(context, tuple) else (context,)
             order = levels(config, factor, block)
             base = counted(block[block[factor] == order[0]])
-            for level in order:
+            for level in (v for v in order if (block[factor] == v).any()):  # levels with no runs yet are skipped
                 rows.append(_effect_row(factor, level, order[0], others, context, block, base))
     return pd.DataFrame(rows)
 
