@@ -153,3 +153,14 @@ def test_wandb_agent_training_function_offline(folder_dir: Path, monkeypatch: py
     (log,) = run_dir.glob("run-*.wandb")  # protobuf records: config keys and JSON values appear as text
     data = log.read_bytes()
     assert b"activation" in data and b'"tanh"' in data and b"weight_decay" in data and b"test/acc" in data
+
+
+def test_workers_split_cores_or_take_gpus_round_robin(tmp_path: Path) -> None:
+    from ablation.agent import plan_workers
+
+    cores = len(os.sched_getaffinity(0))
+    cpu = plan_workers("s", tmp_path / "lenet.db", 2, [], None, "disabled")
+    assert [w.threads for w in cpu] == [max(1, cores // 2)] * 2 and all(w.gpu is None for w in cpu)
+    gpu = plan_workers("s", tmp_path / "lenet.db", 3, ["0", "1"], 5, "offline")
+    assert [w.gpu for w in gpu] == ["0", "1", "0"] and all(w.count == 5 for w in gpu)
+    assert len({w.name for w in gpu}) == 3
