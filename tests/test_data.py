@@ -186,3 +186,13 @@ def test_failed_download_says_where_to_put_data(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("LENET_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
     with pytest.raises(DataError, match="no CIFAR-10 found in .*empty and the download from .* failed .*data_dir="):
         load_dataset(config(data="cifar10", data_dir=tmp_path / "empty"))
+
+
+def test_channel_stats_are_exact() -> None:
+    from ablation.data import channel_stats
+
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    mean, std = channel_stats(x)
+    flat = x.transpose(0, 1).reshape(3, -1).double()
+    assert torch.allclose(mean.flatten().double(), flat.mean(1), atol=1e-4)
+    assert torch.allclose(std.flatten().double(), flat.std(1), atol=1e-4)
