@@ -144,6 +144,7 @@ class Trainer:
         """Everything besides the weights that an interrupted run needs to continue exactly."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "data_rng": self.batches.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # dropout on GPU
                 "record": record.dump()}
 
     def epoch(self) -> tuple[float, float, int]:
@@ -230,6 +231,8 @@ def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> 
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.batches.gen.set_state(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     record.load(state["record"])
     return payload["epoch"]
 
