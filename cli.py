@@ -378,7 +378,8 @@ def load_results(sources: list[str]) -> Any:
         else:
             store = Store()
             sweep = store.sweep(source)
-            parts.append(from_wandb(f"{sweep['entity']}/{sweep['project']}/{source}") if sweep["backend"] == "wandb"
+            path = "/".join(p for p in (sweep["entity"], sweep["project"], source) if p)
+            parts.append(from_wandb(path) if sweep["backend"] == "wandb"
                          else from_store(store, source))
     return merge(parts)
 

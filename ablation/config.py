@@ -39,7 +39,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "batch_size": (1, float("inf"), False),
     "epochs": (1, float("inf"), False),
     "early_stopping": (0, float("inf"), False),
-    "val_size": (0, float("inf"), False),
+    "val_size": (1, float("inf"), False),  # every choice is made on validation data
     "threads": (0, float("inf"), False),
 }
 
@@ -83,6 +83,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_value(f.name, getattr(self, f.name))
+        if self.schedule == "onecycle" and self.warmup_epochs > 0:
+            raise ConfigError("schedule=onecycle has its own warm-up (the first 25% of steps); set warmup_epochs=0")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -205,7 +205,8 @@ class Store:
         """Requeue the sweep's failed and diverged runs; returns how many."""
         self.sweep(sweep_id)
         with self.transaction() as db:
-            count = db.execute("UPDATE runs SET state = 'pending', error = NULL WHERE sweep_id = ? "
+            # attempts = 0: a retry trains from scratch (a diverged run's checkpoint holds NaN state)
+            count = db.execute("UPDATE runs SET state = 'pending', error = NULL, attempts = 0 WHERE sweep_id = ? "
                                "AND state IN ('failed', 'diverged')", (sweep_id,)).rowcount
             if count:
                 db.execute("UPDATE sweeps SET state = 'running' WHERE id = ? AND state = 'finished'", (sweep_id,))

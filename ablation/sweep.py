@@ -90,7 +90,10 @@ def _unknown(name: str) -> str:
 
 
 def _value_problems(name: str, spec: dict[str, Any], method: str | None) -> list[str]:
-    values = spec["values"] if "values" in spec else [spec[k] for k in ("value", "min", "max") if k in spec]
+    # W&B's log_uniform, q_log_uniform and inv_log_uniform take min/max as natural-log exponents, not values.
+    exponents = spec.get("distribution") in ("log_uniform", "q_log_uniform", "inv_log_uniform")
+    bounds = () if exponents else ("min", "max")
+    values = spec["values"] if "values" in spec else [spec[k] for k in ("value", *bounds) if k in spec]
     if "values" in spec and not spec["values"]:
         return [f"parameter {name!r} has an empty values list; give at least one value"]
     if method == "grid" and not ("values" in spec or "value" in spec or spec.get("distribution") in GRID_TYPES):

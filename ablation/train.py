@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -313,8 +314,9 @@ class Record:
         if self.state == "running":
             self.state = "finished"
         if self.best_state:
-            model.load_state_dict(self.best_state)
-            test_loss, test_acc = evaluate(model, test, dtype)
+            best = copy.deepcopy(model)  # the model keeps its last weights for last.pt
+            best.load_state_dict(self.best_state)
+            test_loss, test_acc = evaluate(best, test, dtype)
         else:
             test_loss, test_acc = math.nan, math.nan
         return {**self.summary(), "test/loss": test_loss, "test/acc": test_acc,

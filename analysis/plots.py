@@ -42,7 +42,10 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title=factor)
-    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} (mean ± 1 std over seeds; {_dataset(results)})")
+    pooled = [f for f in factors(config) if f != factor]
+    over = "runs, pooled over " + ", ".join(pooled) if pooled else "seeds"
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} (mean ± 1 std over {over}; {_dataset(results)})",
+                 fontsize=10)
     return _save(fig, path)
 
 

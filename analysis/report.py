@@ -84,10 +84,12 @@ def wandb_report(results: Results, entity: str | None, project: str) -> Any:
     blocks: list[Any] = [wr.H1(text="LeNet-5 ablations on CIFAR-10"), wr.P(text=JPEG_NOTE)]
     for sweep_id, meta in results.sweeps.items():
         keys = factors(meta["config"])
-        runset = wr.Runset(entity=entity or "", project=project, name=meta["name"], filters=f"Sweep = '{sweep_id}'")
+        # W&B sweeps filter on Sweep; local sweeps' runs were synced with group = the sweep id.
+        key = "Sweep" if meta["backend"] == "wandb" else "Group"
+        runset = wr.Runset(entity=entity or "", project=project, name=meta["name"], filters=f"{key} = '{sweep_id}'")
         panels = [wr.LinePlot(title=f"{m} by {keys[0] if keys else 'run'}", x="epoch", y=[m], groupby=f"config.{keys[0]}" if keys else None,
                               groupby_aggfunc="mean", groupby_rangefunc="stddev") for m in ("val/acc", "val/loss")]
-        panels += [wr.ParallelCoordinatesPlot(columns=[wr.ParallelCoordinatesPlotColumn(metric=f"c::{k}") for k in keys]
+        panels += [wr.ParallelCoordinatesPlot(columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in keys]
                                               + [wr.ParallelCoordinatesPlotColumn(metric="best/val_acc")]),
                    wr.ParameterImportancePlot(with_respect_to="best/val_acc"), wr.RunComparer(diff_only="split")]
         blocks += [wr.H2(text=meta["name"]), wr.P(text=_question(meta["config"])), wr.PanelGrid(runsets=[runset], panels=panels),

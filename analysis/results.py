@@ -16,7 +16,10 @@ from ablation.config import FIELD_TYPES, RunConfig
 from ablation.errors import ConfigError, LenetError
 
 BUNDLE_FORMAT = "lenet-results/1"
-COUNTED = ("finished", "stopped_early")  # states whose metrics enter means; the rest are counted and shown
+COUNTED = ("finished", "stopped_early")
+# Summary metrics the tables read; a sweep whose runs have none yet still gets these columns (as NaN).
+METRICS = ("best/val_acc", "best/val_loss", "best/train_acc", "best/train_loss", "test/acc", "test/loss",
+           "gap/train_val_acc", "epochs_to/val_acc_50", "epochs_to/val_acc_60", "epochs_to/val_acc_70", "dataset")  # states whose metrics enter means; the rest are counted and shown
 
 
 class ResultsError(LenetError):
@@ -58,7 +61,8 @@ def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]
         rows.append({"run_id": r["id"], "sweep_id": r["sweep_id"], "state": r["state"], "error": r.get("error"),
                      "attempts": r.get("attempts", 1), **r["config"], **summary})
         history += [{"run_id": r["id"], **h} for h in r.get("history", [])]
-    runs = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "sweep_id", "state"])
+    runs = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "sweep_id", "state", *FIELD_TYPES])
+    runs = runs.reindex(columns=[*runs.columns, *(m for m in METRICS if m not in runs.columns)])
     hist = pd.DataFrame(history) if history else pd.DataFrame(columns=["run_id", "epoch"])
     return Results(runs, hist, sweeps)
 

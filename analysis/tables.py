@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablation.config import _coerce
 from analysis.results import COUNTED, Results
 
 CONFIDENCE = 0.95
@@ -45,6 +46,8 @@ def diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float]:
 def factors(sweep_config: dict[str, Any]) -> list[str]:
     """The swept parameters a study compares: every parameter with several listed values, except the seed
     (continuous search ranges are not levels; a search is summarised by its best configurations)."""
+    if sweep_config.get("method") != "grid":
+        return []  # random/bayes draws confound every factor with the others; see best_configs instead
     return [name for name, spec in sweep_config["parameters"].items()
             if name != "seed" and len(spec.get("values", [])) > 1]
 
@@ -52,7 +55,7 @@ def factors(sweep_config: dict[str, Any]) -> list[str]:
 def levels(sweep_config: dict[str, Any], factor: str, runs: pd.DataFrame) -> list[Any]:
     """A factor's levels in the order the sweep file lists them (the first is the baseline)."""
     spec = sweep_config["parameters"][factor]
-    listed = list(spec.get("values", []))
+    listed = [_coerce(factor, v) for v in spec.get("values", [])]  # YAML may read 1e-3 as a string
     seen = [v for v in pd.unique(runs[factor]) if v not in listed]
     return listed + sorted(seen, key=str)
 
@@ -96,7 +99,7 @@ def seed_table(results: Results, sweep_id: str) -> pd.DataFrame:
     """The seed project's table, generated: one row per variant, each cell mean ± std over seeds with n."""
     config = results.sweeps[sweep_id]["config"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
-    keys = factors(config)
+    keys = factors(config) or (["run_id"] if config.get("method") != "grid" else [])  # a search: one row per run
     rows = []
     for values, group in (runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]):
         values = values if isinstance(values, tuple) else (values,)
@@ -165,7 +168,7 @@ def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     table = seed_table(results, sweep_id)
     config = results.sweeps[sweep_id]["config"]
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
-    keys = factors(config)
+    keys = factors(config) or (["run_id"] if config.get("method") != "grid" else [])
     if not keys or runs.empty:
         return table.head(k)
     means = runs.groupby(keys, sort=False)["best/val_acc"].mean().sort_values(ascending=False)

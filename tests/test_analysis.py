@@ -93,7 +93,7 @@ def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
     grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
     assert [type(p).__name__ for p in grid.panels] == ["LinePlot", "LinePlot", "ParallelCoordinatesPlot",
                                                        "ParameterImportancePlot", "RunComparer"]
-    assert grid.panels[0].groupby == "config.activation" and grid.runsets[0].filters == "Sweep = 'syn'"
+    assert grid.panels[0].groupby == "config.activation" and grid.runsets[0].filters == "Group = 'syn'"
 
 
 def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> None:

@@ -49,10 +49,16 @@ def test_bad_choice_lists_choices(key: str) -> None:
 
 
 @pytest.mark.parametrize("key,value", [("dropout", 1.0), ("lr", 0), ("momentum", -0.1),
-                                       ("batch_size", 0), ("epochs", 0), ("label_smoothing", 1.5)])
+                                       ("batch_size", 0), ("epochs", 0), ("label_smoothing", 1.5), ("val_size", 0)])
 def test_out_of_range(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match="out of range"):
         RunConfig.from_dict({key: value})
+
+
+def test_onecycle_takes_no_extra_warmup() -> None:
+    with pytest.raises(ConfigError, match="onecycle has its own warm-up"):
+        RunConfig.from_dict({"schedule": "onecycle", "warmup_epochs": 1})
+    assert RunConfig.from_dict({"schedule": "cosine", "warmup_epochs": 1}).warmup_epochs == 1.0
 
 
 def test_type_errors() -> None:

@@ -56,6 +56,11 @@ def test_invalid_sweeps_are_rejected(config: dict, message: str) -> None:
         validate_sweep(config)
 
 
+def test_deprecated_exponent_distributions_get_wandbs_own_message() -> None:
+    with pytest.raises(SweepError, match="Use log_uniform_values"):  # min/max would be exponents, not values
+        validate_sweep({"method": "random", "parameters": {"lr": {"distribution": "log_uniform", "min": -9.2, "max": -2.3}}})
+
+
 def test_grid_size_matches_the_engine() -> None:
     config = grid(activation=["relu", "tanh"], seed=[0, 1, 2], epochs=2)
     config["parameters"]["batch_size"] = {"distribution": "int_uniform", "min": 30, "max": 32}
@@ -135,7 +140,7 @@ def test_run_cap_retry_failed_and_stop(tmp_path: Path) -> None:
     assert len(ids) == 3
     assert store.retry_failed(sweep_id) == 1
     retry = store.claim(sweep_id, "w")
-    assert retry.run_id == ids[1] and retry.attempt == 2
+    assert retry.run_id == ids[1] and retry.attempt == 1  # a retry starts afresh, not from its checkpoint
     store.set_sweep_state(sweep_id, "stopped")
     assert store.claim(sweep_id, "w") is None
 

@@ -26,8 +26,9 @@ CHOICE_CASES = [(k, v) for k in ("activation", "pooling", "norm", "init", "optim
 
 @pytest.mark.parametrize("key,value", CHOICE_CASES, ids=[f"{k}={v}" for k, v in CHOICE_CASES])
 def test_every_choice_trains(batches_dir: Path, key: str, value: str) -> None:
-    summary, logger = run(batches_dir, **{key: value, "lr": 0.01, "l1": 1e-5, "grad_clip": 1.0,
-                                          "warmup_epochs": 0.5, "dropout": 0.1})
+    warmup = 0.0 if (key, value) == ("schedule", "onecycle") else 0.5  # onecycle has its own warm-up
+    summary, logger = run(batches_dir, **{"lr": 0.01, "l1": 1e-5, "grad_clip": 1.0, "schedule": "cosine",
+                                          "warmup_epochs": warmup, "dropout": 0.1, key: value})
     assert summary["state"] == "finished" and summary["epochs_run"] == 1
     assert math.isfinite(logger.history[0]["train/loss"]) and 0 <= summary["test/acc"] <= 100
 
@@ -108,11 +109,11 @@ def test_weight_decay_skips_biases_and_norms() -> None:
 
 def test_l1_shrinks_weights(batches_dir: Path, tmp_path: Path) -> None:
     def l1_norm(l1: float) -> float:
-        run(batches_dir, checkpoint_dir=tmp_path / str(l1), epochs=2, l1=l1, norm="none", weight_decay=0, schedule="constant")
+        run(batches_dir, checkpoint_dir=tmp_path / str(l1), epochs=2, l1=l1, norm="none", weight_decay=0, schedule="constant", lr=0.01)
         weights = load_checkpoint(tmp_path / str(l1) / "last.pt")["model"]
         return sum(w.abs().sum().item() for w in weights.values() if w.ndim > 1)
 
-    assert l1_norm(0.2) < 0.7 * l1_norm(0.0)
+    assert l1_norm(1.0) < 0.5 * l1_norm(0.0)
 
 
 def test_resume_continues_exactly(batches_dir: Path, tmp_path: Path) -> None:
