@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, waterfall
 from analysis.results import Results
-from analysis.tables import best_configs, effects, factors, format_effects, seed_table
+from analysis.tables import best_configs, effects, factors, format_effects, seed_table, step_gains
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -44,6 +44,9 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
         lines += ["### Effects (95% confidence intervals over seeds; Δ is the difference from the first level, "
                   "the baseline; `within noise` = its CI includes 0)", "", markdown(format_effects(effect)), "",
                   "### Best configurations (by mean validation accuracy)", "", markdown(best_configs(results, sweep_id)), ""]
+        if is_path_study(results, sweep_id):
+            lines += ["### Step by step (each technique added to the ones before it; Δ from the previous step)", "",
+                      markdown(step_gains(results, sweep_id)), ""]
         lines += _plots(results, sweep_id, out, name)
     return lines
 

@@ -163,6 +163,24 @@ def _verdict(diff: float, half_width: float) -> str:
     return "better" if diff > 0 else "worse"
 
 
+def step_gains(results: Results, sweep_id: str) -> pd.DataFrame:
+    """For an ordered study (a path adding one technique per level): each level minus the level before it,
+    with 95% Welch intervals and a verdict; the contribution of each technique in context."""
+    config = results.sweeps[sweep_id]["config"]
+    factor = factors(config)[0]
+    runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
+    order = [v for v in levels(config, factor, runs) if (runs[factor] == v).any()]
+    signed = lambda m, h: f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else "")
+    rows = []
+    for before, after in zip(order, order[1:]):
+        a, b = runs[runs[factor] == after], runs[runs[factor] == before]
+        d_val, h_val = diff_ci(a["best/val_acc"], b["best/val_acc"])
+        d_test, h_test = diff_ci(a["test/acc"], b["test/acc"])
+        rows.append({"step": f"{before} → {after}", "Δ val acc (95% CI)": signed(d_val, h_val),
+                     "Δ test acc (95% CI)": signed(d_test, h_test), "verdict (val)": _verdict(d_val, h_val)})
+    return pd.DataFrame(rows)
+
+
 def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     """The k variants with the highest mean validation accuracy (test accuracy shown, never used to choose)."""
     table = seed_table(results, sweep_id)

@@ -110,3 +110,17 @@ def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> Non
     assert (tmp_path / "report" / "smoke-curves-activation.png").stat().st_size > 10_000
     missing = runner.invoke(app, ["report", str(tmp_path / "nope.json")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_step_gains_of_an_ordered_study() -> None:
+    from analysis.tables import step_gains
+
+    sweep = {"method": "grid", "parameters": {"preset": {"values": ["classic", "path1_relu", "modern"]}, "seed": {"values": [0, 1, 2]}}}
+    gain = {"classic": 50.0, "path1_relu": 55.0, "modern": 55.0}
+    records = [{"id": f"{p}-{s}", "sweep_id": "p", "state": "finished", "config": full_config({"preset": p, "seed": s}),
+                "summary": {"best/val_acc": gain[p] + 0.1 * s, "test/acc": gain[p] + 0.1 * s}, "history": []}
+               for p in gain for s in range(3)]
+    table = step_gains(from_records(records, {"p": {"name": "p", "backend": "local", "config": sweep}}), "p")
+    assert list(table["step"]) == ["classic → path1_relu", "path1_relu → modern"]
+    assert list(table["verdict (val)"]) == ["better", "within noise"]
+    assert table["Δ val acc (95% CI)"].iloc[0].startswith("+5.00")
