@@ -266,7 +266,6 @@ def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Opt
 
 
 def _print_best(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    metric = config.get("metric", {})
     scored = [(r["summary"].get("best/val_acc"), r) for r in runs if r["summary"] and r["summary"].get("best/val_acc") is not None]
     if scored:
         value, best = max(scored, key=lambda item: item[0])

@@ -170,8 +170,7 @@ class Store:
         cap = config.get("run_cap") or grid_size(config)
         if cap is not None and len(runs) >= cap:
             return None
-        engine_runs = [sweep_run(r["id"], r["state"], r["params"], self.history(r["id"]), r["summary"]) for r in runs]
-        params = suggest(config, engine_runs, sweep["seed"])
+        params = suggest(config, self._engine_runs(runs), sweep["seed"])
         if params is None:
             return None
         idx = len(runs)
@@ -219,6 +218,8 @@ class Store:
         sweep = self.sweep(row["sweep_id"])
         if not sweep["config"].get("early_terminate"):
             return False
-        runs = [sweep_run(r["id"], r["state"], r["params"], self.history(r["id"]), r["summary"])
-                for r in self.runs(sweep["id"])]
-        return run_id in to_stop(sweep["config"], runs)
+        return run_id in to_stop(sweep["config"], self._engine_runs(self.runs(sweep["id"])))
+
+    def _engine_runs(self, runs: list[dict[str, Any]]) -> list[Any]:
+        """Our run records, with their histories, as the `sweeps` package's SweepRun objects."""
+        return [sweep_run(r["id"], r["state"], r["params"], self.history(r["id"]), r["summary"]) for r in runs]

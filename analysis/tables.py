@@ -52,6 +52,11 @@ def factors(sweep_config: dict[str, Any]) -> list[str]:
             if name != "seed" and len(spec.get("values", [])) > 1]
 
 
+def _group_keys(sweep_config: dict[str, Any]) -> list[str]:
+    """What a table's rows are: the grid's factors, or one row per run for a random/bayes search."""
+    return factors(sweep_config) or (["run_id"] if sweep_config.get("method") != "grid" else [])
+
+
 def levels(sweep_config: dict[str, Any], factor: str, runs: pd.DataFrame) -> list[Any]:
     """A factor's levels in the order the sweep file lists them (the first is the baseline)."""
     spec = sweep_config["parameters"][factor]
@@ -99,7 +104,7 @@ def seed_table(results: Results, sweep_id: str) -> pd.DataFrame:
     """The seed project's table, generated: one row per variant, each cell mean ± std over seeds with n."""
     config = results.sweeps[sweep_id]["config"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
-    keys = factors(config) or (["run_id"] if config.get("method") != "grid" else [])  # a search: one row per run
+    keys = _group_keys(config)
     rows = []
     for values, group in (runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]):
         values = values if isinstance(values, tuple) else (values,)
@@ -186,7 +191,7 @@ def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     table = seed_table(results, sweep_id)
     config = results.sweeps[sweep_id]["config"]
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
-    keys = factors(config) or (["run_id"] if config.get("method") != "grid" else [])
+    keys = _group_keys(config)
     if not keys or runs.empty:
         return table.head(k)
     means = runs.groupby(keys, sort=False)["best/val_acc"].mean().sort_values(ascending=False)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ablation.config import CHOICES, RunConfig
-from ablation.data import load_dataset
 from ablation.tracking import MemoryLogger
 from ablation.train import Record, load_checkpoint, lr_factor, make_optimizer, evaluate_checkpoint, train
 from ablation.model import build_model
