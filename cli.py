@@ -322,45 +322,54 @@ def agent_event(kind: str, info: dict[str, Any]) -> None:
 
 @app.command()
 def agent(
-    sweep_id: Annotated[str, typer.Argument(help="A sweep id from `lenet sweep create`.")],
-    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting (default: until the sweep is done).")] = None,
+    sweep_ids: Annotated[list[str], typer.Argument(help="Sweep ids from `lenet sweep create`; several local sweeps are served in priority order.")],
+    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting (default: until the sweeps are done).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes on this machine.")] = 1,
-    gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES).")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweep's failed and diverged runs first.")] = False,
+    gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES; repeat an id to share a GPU).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweeps' failed and diverged runs first.")] = False,
     wandb: Annotated[WandbMode, typer.Option(help="Local sweeps: log each run as a W&B run too (auto = offline unless logged in).")] = WandbMode.auto,
     backend: Annotated[Backend, typer.Option(help="auto: the backend the sweep was created with here; wandb: any W&B sweep id.")] = Backend.auto,
     project: Annotated[Optional[str], typer.Option(help="W&B project (W&B sweeps not created here).")] = None,
     entity: Annotated[Optional[str], typer.Option(help="W&B entity (W&B sweeps not created here).")] = None,
 ) -> None:
-    """Train the sweep's runs until it is done (local engine or W&B)."""
-    from ablation.agent import plan_workers, run_agent, wandb_sweep_function
+    """Train the sweeps' runs until they are done (local engine or W&B)."""
+    from ablation.agent import plan_workers, run_agent
     from ablation.store import Store
     from ablation.tracking import wandb_mode
 
     store = run_guarded(Store)
-    sweep = run_guarded(store.sweep, sweep_id) if backend != Backend.wandb else None
-    if sweep is None or sweep["backend"] == "wandb":
-        import wandb as wb
-
-        if workers > 1:
-            fail("W&B sweeps run one agent per process: start `lenet agent` once per worker (or per machine)")
-        wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=project or (sweep or {}).get("project"),
-                 entity=entity or (sweep or {}).get("entity"))
+    sweeps = [run_guarded(store.sweep, i) if backend != Backend.wandb else None for i in sweep_ids]
+    if any(s is None or s["backend"] == "wandb" for s in sweeps):
+        if len(sweep_ids) > 1 or workers > 1:
+            fail("W&B sweeps run one sweep per agent process: start `lenet agent SWEEP_ID` once per worker (or machine)")
+        _wandb_agent(sweep_ids[0], sweeps[0], count, project, entity)
         return
     if retry_failed:
-        console.print(f"requeued {store.retry_failed(sweep_id)} failed run(s)", highlight=False)
+        console.print(f"requeued {sum(store.retry_failed(i) for i in sweep_ids)} failed run(s)", highlight=False)
     gpu_list = [g.strip() for g in gpus.split(",")] if gpus else []
-    specs = plan_workers(sweep_id, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
-    console.print(f"agent on sweep {sweep_id}: {workers} worker(s), "
+    specs = plan_workers(sweep_ids, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
+    console.print(f"agent on sweep(s) {', '.join(sweep_ids)}: {workers} worker(s), "
                   + (f"GPUs {','.join(gpu_list)}" if gpu_list else f"{specs[0].threads} CPU thread(s) each"), highlight=False)
     try:
         run_agent(specs, agent_event)
     except KeyboardInterrupt:
         fail("interrupted: runs in progress were requeued and resume from their last checkpoint")
-    runs = store.runs(sweep_id)
-    failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
-    console.print(f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
-                  + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""), highlight=False)
+    for sweep_id in sweep_ids:
+        runs = store.runs(sweep_id)
+        failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
+        console.print(f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
+                      + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""), highlight=False)
+
+
+def _wandb_agent(sweep_id: str, sweep: Optional[dict[str, Any]], count: Optional[int], project: Optional[str],
+                 entity: Optional[str]) -> None:
+    """Serve a W&B sweep with our training function (W&B's own agent picks the runs)."""
+    import wandb as wb
+
+    from ablation.agent import wandb_sweep_function
+
+    wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=project or (sweep or {}).get("project"),
+             entity=entity or (sweep or {}).get("entity"))
 
 
 def load_results(sources: list[str]) -> Any:
@@ -394,6 +403,32 @@ def sweep_export(
     results = run_guarded(load_results, [sweep_id])
     write_bundle(results, file)
     say(f"wrote {file}: {len(results.runs)} runs of sweep {sweep_id} ({file.stat().st_size / 1024:.0f} KiB)")
+
+
+@sweep_app.command("confirm")
+def sweep_confirm(
+    source: Annotated[str, typer.Argument(help="A finished sweep: id, entity/project/id or results bundle.")],
+    file: Annotated[Path, typer.Argument(help="Where to write the new sweep file (then `lenet sweep create` it).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs for the retrained runs (e.g. a longer schedule).")],
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 to retrain the best run with.")] = 3,
+) -> None:
+    """Write a sweep that retrains a sweep's best run over several seeds (its winner, confirmed)."""
+    import yaml
+
+    from ablation.sweep import confirm_sweep
+    from analysis.tables import best_run
+
+    results = run_guarded(load_results, [source])
+    sweep_id = next(iter(results.sweeps))
+    meta = results.sweeps[sweep_id]
+    run = run_guarded(best_run, results, sweep_id)
+    config = confirm_sweep(meta["config"], run, epochs, seeds)
+    question = (f"# Question: does the best run of sweep {meta['name']} ({run['run_id']}: {run['metric_column']} "
+                f"{run[run['metric_column']]:.2f} after {run['epochs_run']:.0f} epochs, one seed) hold up over "
+                f"{seeds} seeds and {epochs} epochs?")
+    file.write_text(question + "\n" + yaml.safe_dump(config, sort_keys=False))
+    fixed = " ".join(f"{k}={v['value']}" for k, v in config["parameters"].items() if "value" in v)
+    say(f"wrote {file}: best run {run['run_id']} ({fixed}) x {seeds} seeds; start it with `lenet sweep create {file}`")
 
 
 @app.command()

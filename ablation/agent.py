@@ -24,9 +24,9 @@ POLL_S = 2.0  # how often a worker with nothing to claim looks again while other
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What one worker process needs: which sweep, its name, its share of the machine."""
+    """What one worker process needs: which sweeps (in priority order), its name, its share of the machine."""
 
-    sweep_id: str
+    sweep_ids: tuple[str, ...]
     name: str
     store_path: Path
     count: int | None = None  # runs to train before exiting; None = until the sweep is done
@@ -114,14 +114,25 @@ def home_of(spec: WorkerSpec) -> Path:
     return spec.store_path.parent
 
 
+def claim_next(store: Store, spec: WorkerSpec) -> Claim | str | None:
+    """A run from the first of the worker's sweeps that has one; WAIT while any still has runs in flight."""
+    waiting = False
+    for sweep_id in spec.sweep_ids:
+        claim = store.claim(sweep_id, spec.name)
+        if isinstance(claim, Claim):
+            return claim
+        waiting = waiting or claim == WAIT
+    return WAIT if waiting else None
+
+
 def work(spec: WorkerSpec, on_event: Event) -> int:
-    """Claim and train runs until the sweep is done (or `count` runs); returns how many it trained."""
+    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained."""
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
     store = Store(spec.store_path)
     done = 0
     while spec.count is None or done < spec.count:
-        claim = store.claim(spec.sweep_id, spec.name)
+        claim = claim_next(store, spec)
         if claim == WAIT:
             time.sleep(POLL_S)
             continue
@@ -133,12 +144,12 @@ def work(spec: WorkerSpec, on_event: Event) -> int:
     return done
 
 
-def plan_workers(sweep_id: str, store_path: Path, workers: int, gpus: list[str], count: int | None,
+def plan_workers(sweep_ids: list[str], store_path: Path, workers: int, gpus: list[str], count: int | None,
                  wandb_mode: str) -> list[WorkerSpec]:
-    """K workers: round-robin over `gpus` if given, else the CPU cores split between them (no oversubscription)."""
-    threads = max(1, cpu_threads(0) // workers) if not gpus else 0
+    """K workers, the CPU cores split between them (no oversubscription), round-robin over `gpus` if given."""
+    threads = max(1, cpu_threads(0) // workers)  # GPU workers too: their CPU side is one Python thread each
     host = socket.gethostname()
-    return [WorkerSpec(sweep_id, f"{host}-{os.getpid()}-{i}", store_path, count, threads,
+    return [WorkerSpec(tuple(sweep_ids), f"{host}-{os.getpid()}-{i}", store_path, count, threads,
                        gpus[i % len(gpus)] if gpus else None, wandb_mode) for i in range(workers)]
 
 

@@ -145,6 +145,16 @@ def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[d
     return run
 
 
+def confirm_sweep(config: dict[str, Any], run: dict[str, Any], epochs: int, seeds: int) -> dict[str, Any]:
+    """A grid sweep that retrains one run (its values of `config`'s parameters) over `seeds` seeds for `epochs` epochs."""
+    fixed = {k: plain(run[k]) for k in config["parameters"] if k not in ("seed", "epochs")}
+    return {"name": f"{config.get('name') or 'sweep'}_confirm", "method": "grid",
+            "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
+            "parameters": {**{k: {"value": v} for k, v in fixed.items()},
+                           "epochs": {"value": epochs}, "seed": {"values": list(range(seeds))}},
+            "command": config.get("command") or ["lenet", "train", "${args_no_hyphens}"]}
+
+
 def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any] | None:
     """The next run's parameters from W&B's search logic, or None when a grid is exhausted.
 

@@ -230,7 +230,8 @@ def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> 
     trainer.model.load_state_dict(payload["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.batches.gen.set_state(state["data_rng"])
+    if state["data_rng"].numel() == trainer.batches.gen.get_state().numel():
+        trainer.batches.gen.set_state(state["data_rng"])  # else saved on another device type: a fresh data order
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from ablation.config import _coerce
-from analysis.results import COUNTED, Results
+from analysis.results import COUNTED, Results, ResultsError
 
 CONFIDENCE = 0.95
 CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
@@ -197,6 +197,19 @@ def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     means = runs.groupby(keys, sort=False)["best/val_acc"].mean().sort_values(ascending=False)
     names = [variant_name(keys, v if isinstance(v, tuple) else (v,)) for v in means.index]
     return table.set_index("Model/variant").loc[names[:k]].reset_index()
+
+
+def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
+    """The finished run that scored best on the sweep's metric (its best epoch, for per-epoch metrics)."""
+    metric = results.sweeps[sweep_id]["config"].get("metric") or {"name": "val/acc", "goal": "maximize"}
+    name = metric["name"]
+    column = name if name.startswith(("best/", "test/")) else "best/" + name.replace("/", "_")
+    runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
+    runs = runs.dropna(subset=[column]) if column in runs else runs.iloc[0:0]
+    if runs.empty:
+        raise ResultsError(f"sweep {sweep_id} has no finished run with {column}; let its agent finish some runs first")
+    best = runs[column].idxmax() if metric.get("goal", "maximize") == "maximize" else runs[column].idxmin()
+    return {**runs.loc[best].to_dict(), "metric_column": column}
 
 
 def format_effects(table: pd.DataFrame) -> pd.DataFrame:

@@ -87,6 +87,43 @@ def test_agent_finishes_a_sweep_and_status_reports_it(folder_dir: Path, tmp_path
     assert "4 finished" in status.output and "activation=tanh seed=1" in status.output
 
 
+def test_one_agent_serves_several_sweeps_in_priority_order(folder_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = create(write_smoke(tmp_path / "a", folder_dir, epochs=1))
+    second = create(write_smoke(tmp_path / "b", folder_dir, epochs=1, lr=0.01))
+    result = lenet("agent", first, second, "--wandb", "disabled")
+    assert result.exit_code == 0, result.output
+    assert f"sweep {first}: 4 finished" in result.output and f"sweep {second}: 4 finished" in result.output
+    store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
+    last_of_first = max(r["started_at"] for r in store.runs(first))
+    assert all(r["started_at"] > last_of_first for r in store.runs(second))  # the first sweep is served first
+
+
+def test_confirm_retrains_the_best_run_over_seeds(folder_dir: Path, tmp_path: Path) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
+    assert lenet("agent", sweep_id, "--wandb", "disabled").exit_code == 0
+    runs = Store(Path(os.environ["LENET_HOME"]) / "lenet.db").runs(sweep_id)
+    best = max(runs, key=lambda r: r["summary"]["best/val_acc"])
+    out = tmp_path / "confirm.yaml"
+    result = lenet("sweep", "confirm", sweep_id, out, "--epochs", "3", "--seeds", "2")
+    assert result.exit_code == 0 and best["id"] in result.output, result.output
+    assert out.read_text().startswith(f"# Question: does the best run of sweep smoke ({best['id']}")
+    confirm_id = create(out)
+    assert lenet("agent", confirm_id, "--wandb", "disabled").exit_code == 0
+    confirmed = Store(Path(os.environ["LENET_HOME"]) / "lenet.db").runs(confirm_id)
+    assert sorted(r["params"]["seed"] for r in confirmed) == [0, 1]
+    for run in confirmed:
+        assert run["params"]["activation"] == best["params"]["activation"] and run["params"]["epochs"] == 3
+        assert run["state"] == "finished" and run["summary"]["epochs_run"] == 3
+
+
+def test_confirm_needs_finished_runs(folder_dir: Path, tmp_path: Path) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
+    result = lenet("sweep", "confirm", sweep_id, tmp_path / "c.yaml", "--epochs", "3")
+    assert result.exit_code == 2 and "no finished run" in result.output and not (tmp_path / "c.yaml").exists()
+
+
 def test_failed_runs_are_recorded_and_retried(folder_dir: Path, tmp_path: Path) -> None:
     path = write_smoke(tmp_path, folder_dir, epochs=1)
     sweep_id = create(path)
@@ -159,8 +196,9 @@ def test_workers_split_cores_or_take_gpus_round_robin(tmp_path: Path) -> None:
     from ablation.agent import plan_workers
 
     cores = len(os.sched_getaffinity(0))
-    cpu = plan_workers("s", tmp_path / "lenet.db", 2, [], None, "disabled")
+    cpu = plan_workers(["s"], tmp_path / "lenet.db", 2, [], None, "disabled")
     assert [w.threads for w in cpu] == [max(1, cores // 2)] * 2 and all(w.gpu is None for w in cpu)
-    gpu = plan_workers("s", tmp_path / "lenet.db", 3, ["0", "1"], 5, "offline")
+    gpu = plan_workers(["s", "t"], tmp_path / "lenet.db", 3, ["0", "1"], 5, "offline")
     assert [w.gpu for w in gpu] == ["0", "1", "0"] and all(w.count == 5 for w in gpu)
+    assert all(w.sweep_ids == ("s", "t") and w.threads == max(1, cores // 3) for w in gpu)
     assert len({w.name for w in gpu}) == 3

@@ -128,3 +128,15 @@ def test_resume_continues_exactly(batches_dir: Path, tmp_path: Path) -> None:
     assert strip(first.history + second.history) == strip(full.history)
     assert resumed["state"] == "finished" and resumed["test/acc"] == straight["test/acc"]
     assert resumed["epochs_run"] == 4 and resumed["best_epoch"] == straight["best_epoch"]
+
+
+def test_resume_on_another_device_type_keeps_weights_and_history(batches_dir: Path, tmp_path: Path) -> None:
+    config = RunConfig.from_dict({**TINY, "data_dir": str(batches_dir), "epochs": 3})
+    first = MemoryLogger()
+    train(config, first, checkpoint_dir=tmp_path, should_stop=lambda: len(first.history) == 2)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    payload["resume"]["data_rng"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (philox) generator's state
+    torch.save(payload, tmp_path / "last.pt")
+    second = MemoryLogger()
+    resumed = train(config, second, checkpoint_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in second.history] == [3] and resumed["epochs_run"] == 3
