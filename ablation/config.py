@@ -147,9 +147,16 @@ EXTRAS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("early_stopping", {"early_stopping": 5}),
 )
 
+# The modern recipe with another optimiser at its conventional peak lr (modern itself is Nesterov, 0.1):
+# modern_with_<optimizer> (the optimiser study without an lr grid; sweeps/optim.yaml has the grid).
+OPTIMISERS: tuple[tuple[str, float], ...] = (
+    ("sgd", 0.1), ("momentum", 0.1), ("adam", 0.001), ("adamw", 0.001), ("rmsprop", 0.001),
+)
+
 
 def _technique_presets() -> dict[str, dict[str, Any]]:
-    """path<k>_<technique> (classic + the first k techniques), modern_no_<technique>, modern_plus_<extra>."""
+    """path<k>_<technique> (classic + the first k techniques), modern_no_<technique>, modern_plus_<extra>,
+    modern_with_<optimizer>."""
     classic, modern = PRESETS["classic"], PRESETS["modern"]
     presets, current = {}, dict(classic)
     for k, (name, keys) in enumerate(TECHNIQUES[:-1], start=1):  # the last step is `modern` itself
@@ -159,6 +166,8 @@ def _technique_presets() -> dict[str, dict[str, Any]]:
         presets[f"modern_no_{name}"] = {**modern, **{key: classic[key] for key in keys}}
     for name, values in EXTRAS:
         presets[f"modern_plus_{name}"] = {**modern, **values}
+    for name, lr in OPTIMISERS:
+        presets[f"modern_with_{name}"] = {**modern, "optimizer": name, "lr": lr}
     return presets
 
 

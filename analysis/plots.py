@@ -93,6 +93,30 @@ def waterfall(results: Results, sweep_id: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
+    """A search at a glance: every run's val accuracy by epoch (stopped runs thin), and each run's best
+    val accuracy in the order the search proposed them, with the best so far."""
+    plt = _pyplot()
+    runs = results.runs[results.runs["sweep_id"] == sweep_id].reset_index(drop=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs.itertuples():
+        hist = results.history[results.history["run_id"] == run.run_id]
+        done = run.state in ("finished", "stopped_early")
+        left.plot(hist["epoch"], hist["val/acc"], color="tab:blue" if done else "tab:gray",
+                  linewidth=1.6 if done else 0.7, alpha=0.9 if done else 0.6)
+    best = runs["best/val_acc"]
+    colours = ["tab:blue" if s in ("finished", "stopped_early") else "tab:gray" for s in runs["state"]]
+    right.scatter(runs.index, best, c=colours, s=18)
+    right.step(runs.index, best.cummax(), where="post", color="tab:orange", label="best so far")
+    left.set(xlabel="epoch", ylabel="validation accuracy (%)", title="runs (blue: trained to the end; grey: stopped early)")
+    right.set(xlabel="run, in the order proposed", ylabel="best validation accuracy (%)", title="search progress")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: search ({_dataset(results)})", fontsize=10)
+    return _save(fig, path)
+
+
 def is_path_study(results: Results, sweep_id: str) -> bool:
     """A study that adds one technique at a time: a single preset factor from classic to modern."""
     keys = factors(results.sweeps[sweep_id]["config"])

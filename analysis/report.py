@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, waterfall
+from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, search_progress, waterfall
 from analysis.results import Results
-from analysis.tables import best_configs, effects, factors, format_effects, seed_table, step_gains
+from analysis.tables import best_configs, effects, factors, format_effects, search_table, seed_table, step_gains
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -48,6 +48,10 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
             lines += ["### Step by step (each technique added to the ones before it; Δ from the previous step)", "",
                       markdown(step_gains(results, sweep_id)), ""]
         lines += _plots(results, sweep_id, out, name)
+    elif meta["config"].get("method") != "grid":
+        png = search_progress(results, sweep_id, out / f"{name}-search.png")
+        lines += ["### Search runs, best first (stopped runs show what they reached before hyperband stopped them)", "",
+                  markdown(search_table(results, sweep_id)), "", f"![search progress]({png.name})", ""]
     return lines
 
 

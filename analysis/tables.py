@@ -199,6 +199,23 @@ def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     return table.set_index("Model/variant").loc[names[:k]].reset_index()
 
 
+def search_table(results: Results, sweep_id: str) -> pd.DataFrame:
+    """A random/bayes search's runs ranked by best val accuracy, runs stopped early (hyperband) included
+    with what they reached before they were stopped, and the values of every searched parameter."""
+    config = results.sweeps[sweep_id]["config"]
+    searched = [k for k, spec in config["parameters"].items() if "value" not in spec and k != "seed"]
+    runs = results.runs[results.runs["sweep_id"] == sweep_id].sort_values("best/val_acc", ascending=False)
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else ("–" if _nan(v) else str(v))
+    table = pd.DataFrame({"run": runs["run_id"], "state": runs["state"], "epochs run": runs["epochs_run"],
+                          "best val acc %": runs["best/val_acc"], "test acc %": runs["test/acc"],
+                          **{k: runs[k] for k in searched}})
+    return table.map(show)
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
     """The finished run that scored best on the sweep's metric (its best epoch, for per-epoch metrics)."""
     metric = results.sweeps[sweep_id]["config"].get("metric") or {"name": "val/acc", "goal": "maximize"}

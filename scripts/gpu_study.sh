@@ -30,23 +30,23 @@ log "decode the data once into the tensor cache"
 python3 -c "from ablation.config import RunConfig; from ablation.data import load_dataset; d = load_dataset(RunConfig()); print(d.name, len(d.train_y), len(d.test_y))" || exit 1
 log "one-epoch GPU check"
 GPUS=$(python3 -c "print(','.join(['0'] * $WORKERS))")
-if ! python3 cli.py train preset=modern epochs=1 precision=fp32 device=cuda --wandb disabled --out /tmp/check; then
+if [ -z "${SKIP_CHECK:-}" ] && ! python3 cli.py train preset=modern epochs=1 precision=fp32 device=cuda --wandb disabled --out /tmp/check; then
     log "GPU check failed: falling back to CPU workers"; export CUDA_VISIBLE_DEVICES=; GPUS=""; WORKERS=${CPU_WORKERS:-8}
 fi
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$OUT/gpu_util.csv" 2>/dev/null &
 NVSMI=$!
 read -r -a IDS < $DIR/ids
-SEARCH=$(cat $DIR/search)
+SEARCH=$(cat $DIR/search 2>/dev/null)  # none: no search to confirm in this call
 log "agent on ${IDS[*]} with $WORKERS workers"
-timeout -s INT -k 60 $(( DEADLINE - $(elapsed) )) python3 cli.py agent "${IDS[@]}" --workers "$WORKERS" \
+timeout -s INT -k "${KILL_S:-60}" $(( DEADLINE - $(elapsed) )) python3 cli.py agent "${IDS[@]}" --workers "$WORKERS" \
     ${GPUS:+--gpus "$GPUS"} --wandb disabled > "$OUT/agent.log" 2>&1 &
 MAIN=$!
 
 # When the search is done, retrain its winner over 3 seeds with the longer schedule (3 more workers).
 search_done() { python3 -c "from ablation.store import Store; exit(Store().sweep('$SEARCH')['state'] != 'finished')"; }
-until search_done || ! kill -0 $MAIN 2>/dev/null; do sleep 5; done
-if kill -0 $MAIN 2>/dev/null; then
+until [ -z "$SEARCH" ] || search_done || ! kill -0 $MAIN 2>/dev/null; do sleep 5; done
+if [ -n "$SEARCH" ] && kill -0 $MAIN 2>/dev/null; then
     log "search finished: confirming its winner"
     python3 cli.py sweep confirm "$SEARCH" "$OUT/search_confirm.yaml" --epochs "$CONFIRM_EPOCHS" --seeds 3
     CONFIRM=$(python3 cli.py sweep create "$OUT/search_confirm.yaml" --backend local --seed 0 | grep -o 'created sweep [0-9a-f]*' | cut -d' ' -f3)

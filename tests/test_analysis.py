@@ -124,3 +124,23 @@ def test_step_gains_of_an_ordered_study() -> None:
     assert list(table["step"]) == ["classic → path1_relu", "path1_relu → modern"]
     assert list(table["verdict (val)"]) == ["better", "within noise"]
     assert table["Δ val acc (95% CI)"].iloc[0].startswith("+5.00")
+
+
+def test_search_report_ranks_every_run_including_stopped_ones(tmp_path: Path) -> None:
+    search = {"method": "bayes", "metric": {"name": "val/acc", "goal": "maximize"},
+              "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.4},
+                             "preset": {"value": "modern"}}}
+    records = []
+    for i, (lr, val, state) in enumerate([(0.02, 61.0, "stopped"), (0.1, 70.5, "finished"), (0.3, 68.0, "finished")]):
+        records.append({"id": f"s-{i}", "sweep_id": "srch", "state": state, "config": full_config({"lr": lr}),
+                        "summary": {"best/val_acc": val, "test/acc": val - 1, "epochs_run": 3 if state == "stopped" else 9},
+                        "history": [{"epoch": e, "val/acc": val * e / 9} for e in range(1, 4 if state == "stopped" else 10)]})
+    results = from_records(records, {"srch": {"name": "search", "backend": "local", "config": search}})
+    from analysis.tables import best_run, search_table
+
+    table = search_table(results, "srch")
+    assert list(table["run"]) == ["s-1", "s-2", "s-0"] and list(table["lr"]) == ["0.1", "0.3", "0.02"]
+    assert list(table["state"]) == ["finished", "finished", "stopped"]
+    assert best_run(results, "srch")["run_id"] == "s-1"  # a stopped run never wins
+    report = write_report(results, tmp_path, ["x.json"], "lenet report x.json").read_text()
+    assert "Search runs, best first" in report and (tmp_path / "search-search.png").stat().st_size > 10_000
