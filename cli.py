@@ -323,7 +323,7 @@ def agent_event(kind: str, info: dict[str, Any]) -> None:
 @app.command()
 def agent(
     sweep_ids: Annotated[list[str], typer.Argument(help="Sweep ids from `lenet sweep create`; several local sweeps are served in priority order.")],
-    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting (default: until the sweeps are done).")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting, over all its sweeps (default: until they are done).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes on this machine.")] = 1,
     gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES; repeat an id to share a GPU).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweeps' failed and diverged runs first.")] = False,
@@ -338,6 +338,7 @@ def agent(
     from ablation.tracking import wandb_mode
 
     store = run_guarded(Store)
+    sweep_ids = list(dict.fromkeys(sweep_ids))  # each sweep once, first mention sets its priority
     sweeps = [run_guarded(store.sweep, i) if backend != Backend.wandb else None for i in sweep_ids]
     if any(s is None or s["backend"] == "wandb" for s in sweeps):
         if len(sweep_ids) > 1 or workers > 1:
@@ -349,7 +350,7 @@ def agent(
     gpu_list = [g.strip() for g in gpus.split(",")] if gpus else []
     specs = plan_workers(sweep_ids, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
     console.print(f"agent on sweep(s) {', '.join(sweep_ids)}: {workers} worker(s), "
-                  + (f"GPUs {','.join(gpu_list)}" if gpu_list else f"{specs[0].threads} CPU thread(s) each"), highlight=False)
+                  + (f"GPUs {','.join(gpu_list)}, " if gpu_list else "") + f"{specs[0].threads} CPU thread(s) each", highlight=False)
     try:
         run_agent(specs, agent_event)
     except KeyboardInterrupt:
@@ -410,7 +411,7 @@ def sweep_confirm(
     source: Annotated[str, typer.Argument(help="A finished sweep: id, entity/project/id or results bundle.")],
     file: Annotated[Path, typer.Argument(help="Where to write the new sweep file (then `lenet sweep create` it).")],
     epochs: Annotated[int, typer.Option(min=1, help="Epochs for the retrained runs (e.g. a longer schedule).")],
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 to retrain the best run with.")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 to retrain the best with (seed 0 at a new schedule is a new run).")] = 3,
 ) -> None:
     """Write a sweep that retrains a sweep's best run over several seeds (its winner, confirmed)."""
     import yaml
@@ -419,16 +420,17 @@ def sweep_confirm(
     from analysis.tables import best_run
 
     results = run_guarded(load_results, [source])
+    if len(results.sweeps) != 1:
+        fail(f"{source} holds {len(results.sweeps)} sweeps ({', '.join(results.sweeps) or 'none'}); confirm one sweep's results")
     sweep_id = next(iter(results.sweeps))
     meta = results.sweeps[sweep_id]
     run = run_guarded(best_run, results, sweep_id)
-    config = confirm_sweep(meta["config"], run, epochs, seeds)
-    question = (f"# Question: does the best run of sweep {meta['name']} ({run['run_id']}: {run['metric_column']} "
-                f"{run[run['metric_column']]:.2f} after {run['epochs_run']:.0f} epochs, one seed) hold up over "
-                f"{seeds} seeds and {epochs} epochs?")
+    config = run_guarded(confirm_sweep, meta["config"], run, epochs, seeds)
+    question = f"# Question: does the best of sweep {meta['name']} ({run['chosen']}) hold up over {seeds} seeds and {epochs} epochs?"
+    file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(question + "\n" + yaml.safe_dump(config, sort_keys=False))
     fixed = " ".join(f"{k}={v['value']}" for k, v in config["parameters"].items() if "value" in v)
-    say(f"wrote {file}: best run {run['run_id']} ({fixed}) x {seeds} seeds; start it with `lenet sweep create {file}`")
+    say(f"wrote {file}: {run['chosen']} ({fixed}) x {seeds} seeds; start it with `lenet sweep create {file}`")
 
 
 @app.command()

@@ -29,7 +29,7 @@ class WorkerSpec:
     sweep_ids: tuple[str, ...]
     name: str
     store_path: Path
-    count: int | None = None  # runs to train before exiting; None = until the sweep is done
+    count: int | None = None  # runs to train before exiting (over all its sweeps); None = until they are done
     threads: int = 0  # CPU threads for runs that do not set `threads` themselves
     gpu: str | None = None  # CUDA_VISIBLE_DEVICES for this worker
     wandb_mode: str = "offline"  # each local run is also a W&B run in this mode (offline: `wandb sync` later)
@@ -147,7 +147,7 @@ def work(spec: WorkerSpec, on_event: Event) -> int:
 def plan_workers(sweep_ids: list[str], store_path: Path, workers: int, gpus: list[str], count: int | None,
                  wandb_mode: str) -> list[WorkerSpec]:
     """K workers, the CPU cores split between them (no oversubscription), round-robin over `gpus` if given."""
-    threads = max(1, cpu_threads(0) // workers)  # GPU workers too: their CPU side is one Python thread each
+    threads = max(1, cpu_threads(0) // workers)  # GPU workers too, or each one's torch starts a thread per core
     host = socket.gethostname()
     return [WorkerSpec(tuple(sweep_ids), f"{host}-{os.getpid()}-{i}", store_path, count, threads,
                        gpus[i % len(gpus)] if gpus else None, wandb_mode) for i in range(workers)]

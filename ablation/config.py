@@ -149,8 +149,11 @@ EXTRAS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 # The modern recipe with another optimiser at its conventional peak lr (modern itself is Nesterov, 0.1):
 # modern_with_<optimizer> (the optimiser study without an lr grid; sweeps/optim.yaml has the grid).
-OPTIMISERS: tuple[tuple[str, float], ...] = (
-    ("sgd", 0.1), ("momentum", 0.1), ("adam", 0.001), ("adamw", 0.001), ("rmsprop", 0.001),
+# AdamW's decay is decoupled (weights shrink by lr * wd per step), so modern's 5e-4 would be ~no decay at
+# lr 1e-3; it gets PyTorch's default 0.01 instead. Adam and RMSprop keep modern's coupled L2 5e-4.
+OPTIMISERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.1}), ("adam", {"lr": 0.001}),
+    ("adamw", {"lr": 0.001, "weight_decay": 0.01}), ("rmsprop", {"lr": 0.001}),
 )
 
 
@@ -166,8 +169,8 @@ def _technique_presets() -> dict[str, dict[str, Any]]:
         presets[f"modern_no_{name}"] = {**modern, **{key: classic[key] for key in keys}}
     for name, values in EXTRAS:
         presets[f"modern_plus_{name}"] = {**modern, **values}
-    for name, lr in OPTIMISERS:
-        presets[f"modern_with_{name}"] = {**modern, "optimizer": name, "lr": lr}
+    for name, values in OPTIMISERS:
+        presets[f"modern_with_{name}"] = {**modern, "optimizer": name, **values}
     return presets
 
 

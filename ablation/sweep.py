@@ -147,7 +147,11 @@ def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[d
 
 def confirm_sweep(config: dict[str, Any], run: dict[str, Any], epochs: int, seeds: int) -> dict[str, Any]:
     """A grid sweep that retrains one run (its values of `config`'s parameters) over `seeds` seeds for `epochs` epochs."""
-    fixed = {k: plain(run[k]) for k in config["parameters"] if k not in ("seed", "epochs")}
+    fixed = {k: plain(run.get(k)) for k in config["parameters"] if k not in ("seed", "epochs")}
+    unknown = [k for k, v in fixed.items() if v is None or isinstance(v, (dict, list)) or v != v]  # v != v: NaN
+    if unknown:
+        raise SweepError(f"cannot confirm: the best run has no single value for {', '.join(unknown)} "
+                         f"(not a lenet setting?); write the confirmation sweep by hand")
     return {"name": f"{config.get('name') or 'sweep'}_confirm", "method": "grid",
             "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
             "parameters": {**{k: {"value": v} for k, v in fixed.items()},

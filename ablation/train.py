@@ -231,7 +231,8 @@ def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> 
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state["data_rng"].numel() == trainer.batches.gen.get_state().numel():
-        trainer.batches.gen.set_state(state["data_rng"])  # else saved on another device type: a fresh data order
+        trainer.batches.gen.set_state(state["data_rng"])  # else saved on another device type: the data order
+        # continues from this generator's seed state (replays epoch 1's order); weights and optimiser are exact
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

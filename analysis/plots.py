@@ -100,7 +100,7 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
     runs = results.runs[results.runs["sweep_id"] == sweep_id].reset_index(drop=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs.itertuples():
-        hist = results.history[results.history["run_id"] == run.run_id]
+        hist = results.history[results.history["run_id"] == run.run_id].reindex(columns=["epoch", "val/acc"])
         done = run.state in ("finished", "stopped_early")
         left.plot(hist["epoch"], hist["val/acc"], color="tab:blue" if done else "tab:gray",
                   linewidth=1.6 if done else 0.7, alpha=0.9 if done else 0.6)
@@ -108,7 +108,7 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
     colours = ["tab:blue" if s in ("finished", "stopped_early") else "tab:gray" for s in runs["state"]]
     right.scatter(runs.index, best, c=colours, s=18)
     right.step(runs.index, best.cummax(), where="post", color="tab:orange", label="best so far")
-    left.set(xlabel="epoch", ylabel="validation accuracy (%)", title="runs (blue: trained to the end; grey: stopped early)")
+    left.set(xlabel="epoch", ylabel="validation accuracy (%)", title="runs (blue: trained to the end or early-stopped; grey: stopped by hyperband, failed)")
     right.set(xlabel="run, in the order proposed", ylabel="best validation accuracy (%)", title="search progress")
     for ax in (left, right):
         ax.grid(alpha=0.3)

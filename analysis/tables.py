@@ -205,28 +205,40 @@ def search_table(results: Results, sweep_id: str) -> pd.DataFrame:
     config = results.sweeps[sweep_id]["config"]
     searched = [k for k, spec in config["parameters"].items() if "value" not in spec and k != "seed"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id].sort_values("best/val_acc", ascending=False)
-    show = lambda v: f"{v:.4g}" if isinstance(v, float) and not math.isnan(v) else ("–" if _nan(v) else str(v))
     table = pd.DataFrame({"run": runs["run_id"], "state": runs["state"], "epochs run": runs["epochs_run"],
                           "best val acc %": runs["best/val_acc"], "test acc %": runs["test/acc"],
                           **{k: runs[k] for k in searched}})
-    return table.map(show)
+    return table.map(_show)
 
 
-def _nan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _show(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, missing values as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
-    """The finished run that scored best on the sweep's metric (its best epoch, for per-epoch metrics)."""
-    metric = results.sweeps[sweep_id]["config"].get("metric") or {"name": "val/acc", "goal": "maximize"}
-    name = metric["name"]
-    column = name if name.startswith(("best/", "test/")) else "best/" + name.replace("/", "_")
+    """The best finished run on the sweep's metric; for a grid, a run of the variant with the best mean.
+
+    The result also holds `metric_column` and `chosen` (how it was chosen, in words)."""
+    config = results.sweeps[sweep_id]["config"]
+    metric = config.get("metric") or {"name": "val/acc", "goal": "maximize"}
+    column = metric["name"] if metric["name"].startswith(("best/", "test/")) else "best/" + metric["name"].replace("/", "_")
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     runs = runs.dropna(subset=[column]) if column in runs else runs.iloc[0:0]
     if runs.empty:
         raise ResultsError(f"sweep {sweep_id} has no finished run with {column}; let its agent finish some runs first")
-    best = runs[column].idxmax() if metric.get("goal", "maximize") == "maximize" else runs[column].idxmin()
-    return {**runs.loc[best].to_dict(), "metric_column": column}
+    keys = factors(config) or ["run_id"]
+    means = runs.groupby(keys, sort=False)[column].mean()
+    top = means.idxmax() if metric.get("goal", "maximize") == "maximize" else means.idxmin()
+    top = top if isinstance(top, tuple) else (top,)
+    group = runs[(runs[keys] == pd.Series(top, index=keys)).all(axis=1)]
+    row = group.iloc[0].to_dict()
+    chosen = (f"run {row['run_id']}: {column} {row[column]:.2f} after {row['epochs_run']:.0f} epochs"
+              if keys == ["run_id"] else
+              f"{variant_name(keys, top)}: mean {column} {group[column].mean():.2f} over {len(group)} runs")
+    return {**row, "metric_column": column, "chosen": chosen}
 
 
 def format_effects(table: pd.DataFrame) -> pd.DataFrame:

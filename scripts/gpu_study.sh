@@ -46,7 +46,7 @@ MAIN=$!
 # When the search is done, retrain its winner over 3 seeds with the longer schedule (3 more workers).
 search_done() { python3 -c "from ablation.store import Store; exit(Store().sweep('$SEARCH')['state'] != 'finished')"; }
 until [ -z "$SEARCH" ] || search_done || ! kill -0 $MAIN 2>/dev/null; do sleep 5; done
-if [ -n "$SEARCH" ] && kill -0 $MAIN 2>/dev/null; then
+if [ -n "$SEARCH" ] && kill -0 $MAIN 2>/dev/null && [ $(( DEADLINE - $(elapsed) )) -gt 30 ]; then
     log "search finished: confirming its winner"
     python3 cli.py sweep confirm "$SEARCH" "$OUT/search_confirm.yaml" --epochs "$CONFIRM_EPOCHS" --seeds 3
     CONFIRM=$(python3 cli.py sweep create "$OUT/search_confirm.yaml" --backend local --seed 0 | grep -o 'created sweep [0-9a-f]*' | cut -d' ' -f3)

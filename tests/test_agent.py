@@ -92,30 +92,39 @@ def test_one_agent_serves_several_sweeps_in_priority_order(folder_dir: Path, tmp
     (tmp_path / "b").mkdir()
     first = create(write_smoke(tmp_path / "a", folder_dir, epochs=1))
     second = create(write_smoke(tmp_path / "b", folder_dir, epochs=1, lr=0.01))
-    result = lenet("agent", first, second, "--wandb", "disabled")
+    unknown = lenet("agent", first, "nosuchid", "--wandb", "disabled")
+    assert unknown.exit_code == 2 and "unknown sweep id 'nosuchid'" in unknown.output
+    result = lenet("agent", first, second, first, "--wandb", "disabled")  # a repeated id is served once
     assert result.exit_code == 0, result.output
-    assert f"sweep {first}: 4 finished" in result.output and f"sweep {second}: 4 finished" in result.output
+    assert result.output.count(f"sweep {first}: 4 finished") == 1 and f"sweep {second}: 4 finished" in result.output
     store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
     last_of_first = max(r["started_at"] for r in store.runs(first))
     assert all(r["started_at"] > last_of_first for r in store.runs(second))  # the first sweep is served first
 
 
-def test_confirm_retrains_the_best_run_over_seeds(folder_dir: Path, tmp_path: Path) -> None:
+def test_confirm_retrains_the_best_variant_over_seeds(folder_dir: Path, tmp_path: Path) -> None:
     sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
     assert lenet("agent", sweep_id, "--wandb", "disabled").exit_code == 0
     runs = Store(Path(os.environ["LENET_HOME"]) / "lenet.db").runs(sweep_id)
-    best = max(runs, key=lambda r: r["summary"]["best/val_acc"])
-    out = tmp_path / "confirm.yaml"
+    mean = lambda act: sum(r["summary"]["best/val_acc"] for r in runs if r["params"]["activation"] == act) / 2
+    best = max({r["params"]["activation"] for r in runs}, key=mean)  # grid: the best mean over seeds wins
+    out = tmp_path / "new" / "confirm.yaml"
     result = lenet("sweep", "confirm", sweep_id, out, "--epochs", "3", "--seeds", "2")
-    assert result.exit_code == 0 and best["id"] in result.output, result.output
-    assert out.read_text().startswith(f"# Question: does the best run of sweep smoke ({best['id']}")
+    assert result.exit_code == 0 and f"activation={best}: mean best/val_acc {mean(best):.2f} over 2 runs" in result.output, result.output
+    assert out.read_text().startswith(f"# Question: does the best of sweep smoke (activation={best}")
     confirm_id = create(out)
     assert lenet("agent", confirm_id, "--wandb", "disabled").exit_code == 0
     confirmed = Store(Path(os.environ["LENET_HOME"]) / "lenet.db").runs(confirm_id)
     assert sorted(r["params"]["seed"] for r in confirmed) == [0, 1]
     for run in confirmed:
-        assert run["params"]["activation"] == best["params"]["activation"] and run["params"]["epochs"] == 3
+        assert run["params"]["activation"] == best and run["params"]["epochs"] == 3
         assert run["state"] == "finished" and run["summary"]["epochs_run"] == 3
+    from analysis.results import from_store, merge, write_bundle
+
+    store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
+    write_bundle(merge([from_store(store, sweep_id), from_store(store, confirm_id)]), tmp_path / "both.json")
+    two = lenet("sweep", "confirm", tmp_path / "both.json", tmp_path / "again.yaml", "--epochs", "4")
+    assert two.exit_code == 2 and "holds 2 sweeps" in two.output and not (tmp_path / "again.yaml").exists()
 
 
 def test_confirm_needs_finished_runs(folder_dir: Path, tmp_path: Path) -> None:
