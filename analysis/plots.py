@@ -44,7 +44,8 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
     axes[0].legend(fontsize=8, title=factor)
     pooled = [f for f in factors(config) if f != factor]
     over = "runs, pooled over " + ", ".join(pooled) if pooled else "seeds"
-    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} (mean ± 1 std over {over}; {_dataset(results)})",
+    band = "one run each" if factor == "seed" else f"mean ± 1 std over {over}"
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} ({band}; {_dataset(results)})",
                  fontsize=10)
     return _save(fig, path)
 

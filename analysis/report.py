@@ -48,6 +48,9 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
             lines += ["### Step by step (each technique added to the ones before it; Δ from the previous step)", "",
                       markdown(step_gains(results, sweep_id)), ""]
         lines += _plots(results, sweep_id, out, name)
+    elif meta["config"].get("method") == "grid" and len(runs) > 1:  # one recipe over seeds
+        png = learning_curves(results, sweep_id, "seed", out / f"{name}-curves-seed.png")
+        lines += [f"![learning curves by seed]({png.name})", ""]
     elif meta["config"].get("method") != "grid":
         png = search_progress(results, sweep_id, out / f"{name}-search.png")
         lines += ["### Search runs, best first (stopped runs show what they reached before hyperband stopped them)", "",

@@ -144,3 +144,15 @@ def test_search_report_ranks_every_run_including_stopped_ones(tmp_path: Path) ->
     assert best_run(results, "srch")["run_id"] == "s-1"  # a stopped run never wins
     report = write_report(results, tmp_path, ["x.json"], "lenet report x.json").read_text()
     assert "Search runs, best first" in report and (tmp_path / "search-search.png").stat().st_size > 10_000
+
+
+def test_a_one_recipe_sweep_gets_curves_per_seed(tmp_path: Path) -> None:
+    sweep = {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
+             "parameters": {"preset": {"value": "modern"}, "seed": {"values": [0, 1]}}}
+    records = [{"id": f"l-{s}", "sweep_id": "long", "state": "finished", "config": full_config({"seed": s}),
+                "summary": {"best/val_acc": 70.0 + s, "test/acc": 69.0 + s, "dataset": "cifar10-jpg"},
+                "history": [{"epoch": e, "val/acc": 60.0 + e + s, "val/loss": 1.0 / e} for e in range(1, 4)]} for s in (0, 1)]
+    results = from_records(records, {"long": {"name": "long", "backend": "local", "config": sweep}})
+    report = write_report(results, tmp_path, ["long.json"], "lenet report long.json").read_text()
+    assert "![learning curves by seed](long-curves-seed.png)" in report
+    assert (tmp_path / "long-curves-seed.png").stat().st_size > 10_000
