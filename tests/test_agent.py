@@ -197,8 +197,11 @@ def test_wandb_agent_training_function_offline(folder_dir: Path, monkeypatch: py
     assert summary["state"] == "finished" and summary["dataset"] == "tiny-png"
     (run_dir,) = (Path(os.environ["WANDB_DIR"]) / "wandb").glob("offline-run-*")
     (log,) = run_dir.glob("run-*.wandb")  # protobuf records: config keys and JSON values appear as text
-    data = log.read_bytes()
-    assert b"activation" in data and b'"tanh"' in data and b"weight_decay" in data and b"test/acc" in data
+    needles = (b"activation", b'"tanh"', b"weight_decay", b"test/acc")
+    deadline = time.time() + 60  # wandb-core may still be flushing the file when finish() returns
+    while not all(n in log.read_bytes() for n in needles) and time.time() < deadline:
+        time.sleep(0.5)
+    assert all(n in log.read_bytes() for n in needles), log.read_bytes()[:200]
 
 
 def test_workers_split_cores_or_take_gpus_round_robin(tmp_path: Path) -> None:
