@@ -55,7 +55,7 @@ def effect_chart(results: Results, sweep_id: str, path: Path) -> Path:
     plt = _pyplot()
     table = effects(results, sweep_id)
     panels = list(table.groupby(["factor", "context"], sort=False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)), squeeze=False, sharex=True)
     for ax, ((factor, context), group) in zip(axes[:, 0], panels):
         y = range(len(group))
         for offset, (metric, colour) in enumerate((("val_acc", "tab:blue"), ("test_acc", "tab:orange"))):
@@ -67,6 +67,7 @@ def effect_chart(results: Results, sweep_id: str, path: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(f"{factor}" + (f" ({context})" if context else ""), fontsize=10)
         ax.set_xlabel("accuracy (%), mean with 95% CI over seeds")
+        ax.tick_params(labelbottom=True)  # shared x scale, but every panel keeps its numbers
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{results.sweeps[sweep_id]['name']}: effects ({_dataset(results)})")
     return _save(fig, path)
@@ -132,7 +133,7 @@ def _dataset(results: Results) -> str:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # keep 0.6 in for the suptitle
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
