@@ -240,7 +240,7 @@ def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id prin
     console.print(f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
                   f"{len(runs)} runs created" + (f" of {total}" if total else ""), highlight=False)
     console.print("  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False)
-    _print_best(runs, config)
+    _print_best(runs)
     _print_timing(runs, total)
     metric = config.get("metric", {}).get("name")
     varying = [k for k, spec in config["parameters"].items() if "value" not in spec]
@@ -265,7 +265,7 @@ def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Opt
     return min(values) if "loss" in metric else max(values)
 
 
-def _print_best(runs: list[dict[str, Any]], config: dict[str, Any]) -> None:
+def _print_best(runs: list[dict[str, Any]]) -> None:
     scored = [(r["summary"].get("best/val_acc"), r) for r in runs if r["summary"] and r["summary"].get("best/val_acc") is not None]
     if scored:
         value, best = max(scored, key=lambda item: item[0])

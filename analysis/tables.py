@@ -230,14 +230,13 @@ def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
     if runs.empty:
         raise ResultsError(f"sweep {sweep_id} has no finished run with {column}; let its agent finish some runs first")
     keys = factors(config) or ["run_id"]
-    means = runs.groupby(keys, sort=False)[column].mean()
-    top = means.idxmax() if metric.get("goal", "maximize") == "maximize" else means.idxmin()
-    top = top if isinstance(top, tuple) else (top,)
-    group = runs[(runs[keys] == pd.Series(top, index=keys)).all(axis=1)]
-    row = group.iloc[0].to_dict()
+    score = runs.groupby(keys, sort=False)[column].transform("mean")  # each run's variant mean
+    best = score.idxmax() if metric.get("goal", "maximize") == "maximize" else score.idxmin()
+    group = runs[(runs[keys] == runs.loc[best, keys]).all(axis=1)]
+    row = runs.loc[best].to_dict()
     chosen = (f"run {row['run_id']}: {column} {row[column]:.2f} after {row['epochs_run']:.0f} epochs"
               if keys == ["run_id"] else
-              f"{variant_name(keys, top)}: mean {column} {group[column].mean():.2f} over {len(group)} runs")
+              f"{variant_name(keys, tuple(row[k] for k in keys))}: mean {column} {score[best]:.2f} over {len(group)} runs")
     return {**row, "metric_column": column, "chosen": chosen}
 
 
