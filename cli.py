@@ -8,18 +8,19 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from ablation.config import RunConfig, describe, load_config_file, parse_overrides
 from ablation.errors import LenetError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="LeNet-5 on CIFAR-10: train variants, run ablation sweeps, report what matters.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -40,8 +41,10 @@ class TerminalLogger:
         self.task = progress.add_task("epoch 1", total=None, metrics="")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        text = (f"loss {metrics['train/loss']:.3f} acc {metrics['train/acc']:.1f}% | val loss "
-                f"{metrics['val/loss']:.3f} acc {metrics['val/acc']:.1f}% | {metrics['throughput/img_s']:,.0f} img/s")
+        text = (
+            f"loss {metrics['train/loss']:.3f} acc {metrics['train/acc']:.1f}% | val loss "
+            f"{metrics['val/loss']:.3f} acc {metrics['val/acc']:.1f}% | {metrics['throughput/img_s']:,.0f} img/s"
+        )
         self.bar.update(self.task, description=f"epoch {min(step + 1, self.epochs)}/{self.epochs}", metrics=text)
         self.bar.console.print(f"epoch {step:>3}/{self.epochs}  {text}", highlight=False)
 
@@ -53,27 +56,51 @@ class TerminalLogger:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+        transient=True,
+    )
 
 
 def fail(message: str) -> None:
-    """Print one error line to stderr and exit 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    """Stop a command with a usage error: one line on stderr, exit 2 (Click's convention)."""
+    raise UsageProblem(message)
 
 
-def run_guarded(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call library code, turning `LenetError` into a one-line message (tracebacks with LENET_DEBUG=1)."""
-    try:
-        return fn(*args, **kwargs)
-    except LenetError as exc:
-        if os.environ.get("LENET_DEBUG"):
-            raise
-        fail(str(exc))
+class UsageProblem(LenetError):
+    """A command-line mistake the CLI itself finds (not the library): exit 2."""
+
+    exit_code = 2
 
 
-def build_config(overrides: list[str], config_file: Optional[Path]) -> RunConfig:
+class LenetGroup(TyperGroup):
+    """The one place library errors become messages: `LenetError` -> one line on stderr and its exit code
+    (1 runtime, 2 usage); the traceback only with LENET_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LenetError as exc:
+            if os.environ.get("LENET_DEBUG"):
+                raise
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(
+    cls=LenetGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help="LeNet-5 on CIFAR-10: train variants, run ablation sweeps, report what matters.",
+)
+
+
+def build_config(overrides: list[str], config_file: Path | None) -> RunConfig:
     """Config file values, then key=value overrides (either may name a preset)."""
     values = load_config_file(config_file) if config_file else {}
     return RunConfig.from_dict({**values, **parse_overrides(overrides)})
@@ -88,30 +115,43 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 
 @app.command()
 def train(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Settings as key=value, e.g. preset=classic lr=0.01 (see `lenet params`).")] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings; key=value arguments override it.")] = None,
-    out: Annotated[Path, typer.Option(help="Where checkpoints go (a folder per run).")] = Path(os.environ.get("LENET_HOME", "lenet-runs")) / "runs",
-    wandb: Annotated[WandbMode, typer.Option(help="W&B logging: auto = online when logged in, else offline.")] = WandbMode.auto,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Settings as key=value, e.g. preset=classic lr=0.01 (see `lenet params`)."),
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of settings; key=value arguments override it.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where checkpoints go (a folder per run; default $LENET_HOME/runs).")
+    ] = None,
+    wandb: Annotated[
+        WandbMode, typer.Option(help="W&B logging: auto = online when logged in, else offline.")
+    ] = WandbMode.auto,
     project: Annotated[str, typer.Option(help="W&B project.")] = "lenet",
-    entity: Annotated[Optional[str], typer.Option(help="W&B entity (user or team).")] = None,
+    entity: Annotated[str | None, typer.Option(help="W&B entity (user or team).")] = None,
 ) -> None:
     """Train one LeNet-5 variant and report its metrics."""
     from ablation.data import load_dataset
+    from ablation.store import home
     from ablation.tracking import FanOut, WandbLogger, start_wandb, wandb_mode
     from ablation.train import train as train_run
 
-    config = run_guarded(build_config, overrides or [], config_file)
-    dataset = run_guarded(load_dataset, config)  # before W&B starts: bad data leaves no dead run
+    out = out or home() / "runs"
+    config = build_config(overrides or [], config_file)
+    dataset = load_dataset(config)  # before W&B starts: bad data leaves no dead run
     mode = wandb_mode(wandb.value)
-    run = run_guarded(start_wandb, config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
+    run = start_wandb(config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
     name = run.id if run is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    console.print(f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} "
-                  f"device={config.device}", highlight=False)
+    console.print(
+        f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} device={config.device}",
+        highlight=False,
+    )
     try:
         with _progress() as progress:
             terminal = TerminalLogger(progress, config.epochs)
             logger = FanOut(terminal, WandbLogger(run)) if run is not None else terminal
-            summary = run_guarded(train_run, config, logger, checkpoint_dir=out / name, dataset=dataset)
+            summary = train_run(config, logger, checkpoint_dir=out / name, dataset=dataset)
     except KeyboardInterrupt:
         if run is not None:
             run.finish(exit_code=130)
@@ -121,16 +161,23 @@ def train(
     console.print(_summary_table(summary))
     console.print(f"checkpoints: {out / name}/best.pt, last.pt", highlight=False)
     if run is not None and mode == "offline":
-        console.print(f"W&B offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`", highlight=False)
+        console.print(
+            f"W&B offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`",
+            highlight=False,
+        )
     if summary["state"] == "diverged":
-        fail(f"the run diverged (loss became NaN/inf at epoch {summary['epochs_run']}); lower lr or set grad_clip=")
+        raise LenetError(
+            f"the run diverged (loss became NaN/inf at epoch {summary['epochs_run']}); lower lr or set grad_clip="
+        )
 
 
 @app.command()
 def test(
     checkpoint: Annotated[Path, typer.Argument(help="A best.pt or last.pt written by `lenet train`.")],
-    data_dir: Annotated[Optional[str], typer.Option(help="Evaluate on the test set found in this folder instead.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Data source for --data-dir: auto, cifar10, folder, synthetic.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Evaluate on the test set found in this folder instead.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data source for --data-dir: auto, cifar10, folder, synthetic.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Evaluate a checkpoint on the test set."""
@@ -141,10 +188,13 @@ def test(
         overrides["data_dir"] = data_dir
     if data is not None:
         overrides["data"] = data
-    result = run_guarded(evaluate_checkpoint, checkpoint, overrides)
-    console.print(f"test accuracy {result['test/acc']:.2f}%  loss {result['test/loss']:.4f}  on "
-                  f"{result['images']} images of {result['dataset']} (trained on {result['trained_on']}, "
-                  f"epoch {result['checkpoint_epoch']})", highlight=False)
+    result = evaluate_checkpoint(checkpoint, overrides)
+    console.print(
+        f"test accuracy {result['test/acc']:.2f}%  loss {result['test/loss']:.4f}  on "
+        f"{result['images']} images of {result['dataset']} (trained on {result['trained_on']}, "
+        f"epoch {result['checkpoint_epoch']})",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -156,7 +206,9 @@ def params() -> None:
     console.print(table)
 
 
-sweep_app = typer.Typer(no_args_is_help=True, help="Declare ablation grids as W&B sweeps (online or in the local engine).")
+sweep_app = typer.Typer(
+    no_args_is_help=True, help="Declare ablation grids as W&B sweeps (online or in the local engine)."
+)
 app.add_typer(sweep_app, name="sweep")
 
 
@@ -169,41 +221,51 @@ class Backend(str, Enum):
 @sweep_app.command("create")
 def sweep_create(
     file: Annotated[Path, typer.Argument(help="A W&B sweep YAML file, e.g. sweeps/smoke.yaml.")],
-    backend: Annotated[Backend, typer.Option(help="wandb (W&B server) or local (embedded engine); auto = wandb when logged in.")] = Backend.auto,
+    backend: Annotated[
+        Backend, typer.Option(help="wandb (W&B server) or local (embedded engine); auto = wandb when logged in.")
+    ] = Backend.auto,
     project: Annotated[str, typer.Option(help="W&B project.")] = "lenet",
-    entity: Annotated[Optional[str], typer.Option(help="W&B entity (user or team).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of random/bayes search (local engine); random if omitted.")] = None,
+    entity: Annotated[str | None, typer.Option(help="W&B entity (user or team).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of random/bayes search (local engine); random if omitted.")
+    ] = None,
 ) -> None:
     """Validate a sweep file and create the sweep; prints its id."""
     from ablation.store import Store
     from ablation.sweep import grid_size, load_sweep_file
     from ablation.tracking import wandb_logged_in
 
-    config = run_guarded(load_sweep_file, file)
+    config = load_sweep_file(file)
     chosen = backend.value if backend != Backend.auto else ("wandb" if wandb_logged_in() else "local")
-    store = run_guarded(Store)
+    store = Store()
     if chosen == "wandb":
-        sweep_id = run_guarded(_create_wandb_sweep, config, project, entity)
-        run_guarded(store.create_sweep, config, "wandb", sweep_id, 0, project, entity)
+        sweep_id = _create_wandb_sweep(config, project, entity)
+        store.create_sweep(config, "wandb", sweep_id, 0, project, entity)
     else:
-        sweep_id = run_guarded(store.create_sweep, config, "local", None, seed, project, entity)
+        sweep_id = store.create_sweep(config, "local", None, seed, project, entity)
     size = grid_size(config)
-    runs = f"{size} runs" if size is not None else f"{config['method']} search, " + (
-        f"run_cap {config['run_cap']}" if config.get("run_cap") else "until stopped (no run_cap)")
+    runs = (
+        f"{size} runs"
+        if size is not None
+        else f"{config['method']} search, "
+        + (f"run_cap {config['run_cap']}" if config.get("run_cap") else "until stopped (no run_cap)")
+    )
     console.print(f"created sweep [bold]{sweep_id}[/] ({chosen} backend, {runs})", highlight=False)
     console.print(f"start workers with: lenet agent {sweep_id} --workers N", highlight=False)
 
 
-def _create_wandb_sweep(config: dict[str, Any], project: str, entity: Optional[str]) -> str:
-    from ablation.errors import TrackingError
-
+def _create_wandb_sweep(config: dict[str, Any], project: str, entity: str | None) -> str:
     import wandb
+
+    from ablation.errors import TrackingError
 
     try:
         return wandb.sweep(sweep=config, project=project, entity=entity)
     except Exception as exc:
-        raise TrackingError(f"W&B could not create the sweep ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-                            f"run `wandb login`, or use --backend local") from None
+        raise TrackingError(
+            f"W&B could not create the sweep ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"run `wandb login`, or use --backend local"
+        ) from None
 
 
 @sweep_app.command("ls")
@@ -211,24 +273,33 @@ def sweep_ls() -> None:
     """List the sweeps in the local store (W&B sweeps created here included)."""
     from ablation.store import Store
 
-    store = run_guarded(Store)
+    store = Store()
     table = Table("id", "name", "backend", "method", "state", "runs (done/all)", "created")
     for sweep in store.sweeps():
         runs = store.runs(sweep["id"])
         done = sum(r["state"] not in ("pending", "running") for r in runs)
-        table.add_row(sweep["id"], sweep["name"] or "", sweep["backend"], sweep["config"]["method"], sweep["state"],
-                      f"{done}/{len(runs)}", time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["created_at"])))
+        table.add_row(
+            sweep["id"],
+            sweep["name"] or "",
+            sweep["backend"],
+            sweep["config"]["method"],
+            sweep["state"],
+            f"{done}/{len(runs)}",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["created_at"])),
+        )
     console.print(table)
 
 
 @sweep_app.command("status")
-def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id printed by `lenet sweep create`.")]) -> None:
+def sweep_status(
+    sweep_id: Annotated[str, typer.Argument(help="The sweep id printed by `lenet sweep create`.")],
+) -> None:
     """Runs per state, the best run so far, elapsed and estimated remaining time."""
     from ablation.store import Store, heartbeat_timeout, home
     from ablation.sweep import grid_size
 
-    store = run_guarded(Store)
-    sweep = run_guarded(store.sweep, sweep_id)
+    store = Store()
+    sweep = store.sweep(sweep_id)
     runs = store.runs(sweep_id)
     config = sweep["config"]
     states: dict[str, int] = {}
@@ -237,9 +308,14 @@ def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id prin
         key = "running (no heartbeat: will be requeued)" if stale else run["state"]
         states[key] = states.get(key, 0) + 1
     total = grid_size(config) or config.get("run_cap")
-    console.print(f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
-                  f"{len(runs)} runs created" + (f" of {total}" if total else ""), highlight=False)
-    console.print("  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False)
+    console.print(
+        f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
+        f"{len(runs)} runs created" + (f" of {total}" if total else ""),
+        highlight=False,
+    )
+    console.print(
+        "  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False
+    )
     _print_best(runs)
     _print_timing(runs, total)
     metric = config.get("metric", {}).get("name")
@@ -247,13 +323,19 @@ def sweep_status(sweep_id: Annotated[str, typer.Argument(help="The sweep id prin
     for run in runs:
         value = _metric_value(store, run, metric)
         error = (run["error"] or "").split("\n")[0][:80]
-        say(f"  {run['id']}  {run['state']:<13} attempt {run['attempts']}  {metric or 'metric'} "
-            f"{f'{value:.2f}' if value is not None else '-':>6}  " + " ".join(f"{k}={run['params'].get(k)}" for k in varying)
-            + (f"  ({error})" if error else ""))
-    say(f"store: {store.path}; W&B offline runs: {home() / 'wandb'} (upload with `wandb sync {home() / 'wandb'}/offline-run-*`)")
+        say(
+            f"  {run['id']}  {run['state']:<13} attempt {run['attempts']}  {metric or 'metric'} "
+            f"{f'{value:.2f}' if value is not None else '-':>6}  "
+            + " ".join(f"{k}={run['params'].get(k)}" for k in varying)
+            + (f"  ({error})" if error else "")
+        )
+    say(
+        f"store: {store.path}; W&B offline runs: {home() / 'wandb'} "
+        f"(upload with `wandb sync {home() / 'wandb'}/offline-run-*`)"
+    )
 
 
-def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Optional[float]:
+def _metric_value(store: Any, run: dict[str, Any], metric: str | None) -> float | None:
     """The run's best value of the sweep metric (history for per-epoch metrics, else summary)."""
     if not metric:
         return None
@@ -266,14 +348,22 @@ def _metric_value(store: Any, run: dict[str, Any], metric: Optional[str]) -> Opt
 
 
 def _print_best(runs: list[dict[str, Any]]) -> None:
-    scored = [(r["summary"].get("best/val_acc"), r) for r in runs if r["summary"] and r["summary"].get("best/val_acc") is not None]
+    scored = [
+        (r["summary"].get("best/val_acc"), r)
+        for r in runs
+        if r["summary"] and r["summary"].get("best/val_acc") is not None
+    ]
     if scored:
         value, best = max(scored, key=lambda item: item[0])
-        console.print(f"  best so far: {best['id']} best/val_acc {value:.2f}% test/acc {best['summary'].get('test/acc') or float('nan'):.2f}% "
-                      f"({' '.join(f'{k}={v}' for k, v in best['params'].items())})", highlight=False)
+        console.print(
+            f"  best so far: {best['id']} best/val_acc {value:.2f}% "
+            f"test/acc {best['summary'].get('test/acc') or float('nan'):.2f}% "
+            f"({' '.join(f'{k}={v}' for k, v in best['params'].items())})",
+            highlight=False,
+        )
 
 
-def _print_timing(runs: list[dict[str, Any]], total: Optional[int]) -> None:
+def _print_timing(runs: list[dict[str, Any]], total: int | None) -> None:
     started = [r["started_at"] for r in runs if r["started_at"]]
     if not started:
         return
@@ -285,7 +375,8 @@ def _print_timing(runs: list[dict[str, Any]], total: Optional[int]) -> None:
     workers = max(1, len({r["worker"] for r in runs if r["state"] == "running"}))
     if durations and total:
         remaining = max(0, total - len(durations))
-        line += f", about {remaining * sum(durations) / len(durations) / workers / 60:.1f} min remaining ({remaining} runs, {workers} worker(s))"
+        minutes = remaining * sum(durations) / len(durations) / workers / 60
+        line += f", about {minutes:.1f} min remaining ({remaining} runs, {workers} worker(s))"
     console.print(line, highlight=False)
 
 
@@ -294,8 +385,8 @@ def sweep_stop(sweep_id: Annotated[str, typer.Argument(help="The sweep to stop."
     """Stop a sweep: workers claim no new runs; runs in progress finish."""
     from ablation.store import Store
 
-    store = run_guarded(Store)
-    run_guarded(store.set_sweep_state, sweep_id, "stopped")
+    store = Store()
+    store.set_sweep_state(sweep_id, "stopped")
     console.print(f"sweep {sweep_id} stopped: no new runs will start", highlight=False)
 
 
@@ -312,45 +403,75 @@ def agent_event(kind: str, info: dict[str, Any]) -> None:
         say(f"[{info['worker']}] start {info['run']}{again}: {params}")
     elif kind == "end" and "summary" in info:
         s = info["summary"]
-        say(f"[{info['run']}] {info['state']}: best/val_acc {s.get('best/val_acc') or float('nan'):.2f}% "
-            f"test/acc {s['test/acc']:.2f}% in {s['time/total_s']:.0f}s")
+        say(
+            f"[{info['run']}] {info['state']}: best/val_acc {s.get('best/val_acc') or float('nan'):.2f}% "
+            f"test/acc {s['test/acc']:.2f}% in {s['time/total_s']:.0f}s"
+        )
     elif kind == "end":
         say(f"[{info['run']}] failed: {info['error']}")
     elif kind == "worker_died":
-        say(f"worker {info['worker']} died (exit code {info['exitcode']}); its run is requeued once its heartbeat times out")
+        say(
+            f"worker {info['worker']} died (exit code {info['exitcode']}); "
+            "its run is requeued once its heartbeat times out"
+        )
 
 
 @app.command()
 def agent(
-    sweep_ids: Annotated[list[str], typer.Argument(help="Sweep ids from `lenet sweep create`; several local sweeps are served in priority order.")],
-    count: Annotated[Optional[int], typer.Option(help="Runs each worker trains before exiting, over all its sweeps (default: until they are done).")] = None,
+    sweep_ids: Annotated[
+        list[str],
+        typer.Argument(help="Sweep ids from `lenet sweep create`; several local sweeps are served in priority order."),
+    ],
+    count: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs each worker trains before exiting, over all its sweeps (default: until they are done)."
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes on this machine.")] = 1,
-    gpus: Annotated[Optional[str], typer.Option(help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES; repeat an id to share a GPU).")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Requeue the sweeps' failed and diverged runs first.")] = False,
-    wandb: Annotated[WandbMode, typer.Option(help="Local sweeps: log each run as a W&B run too (auto = offline unless logged in).")] = WandbMode.auto,
-    backend: Annotated[Backend, typer.Option(help="auto: the backend the sweep was created with here; wandb: any W&B sweep id.")] = Backend.auto,
-    project: Annotated[Optional[str], typer.Option(help="W&B project (W&B sweeps not created here).")] = None,
-    entity: Annotated[Optional[str], typer.Option(help="W&B entity (W&B sweeps not created here).")] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU ids for the workers, e.g. 0,1 (round-robin via CUDA_VISIBLE_DEVICES; repeat an id to share one)."
+        ),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Requeue the sweeps' failed and diverged runs first.")
+    ] = False,
+    wandb: Annotated[
+        WandbMode, typer.Option(help="Local sweeps: log each run as a W&B run too (auto = offline unless logged in).")
+    ] = WandbMode.auto,
+    backend: Annotated[
+        Backend, typer.Option(help="auto: the backend the sweep was created with here; wandb: any W&B sweep id.")
+    ] = Backend.auto,
+    project: Annotated[str | None, typer.Option(help="W&B project (W&B sweeps not created here).")] = None,
+    entity: Annotated[str | None, typer.Option(help="W&B entity (W&B sweeps not created here).")] = None,
 ) -> None:
     """Train the sweeps' runs until they are done (local engine or W&B)."""
     from ablation.agent import plan_workers, run_agent
     from ablation.store import Store
     from ablation.tracking import wandb_mode
 
-    store = run_guarded(Store)
+    store = Store()
     sweep_ids = list(dict.fromkeys(sweep_ids))  # each sweep once, first mention sets its priority
-    sweeps = [run_guarded(store.sweep, i) if backend != Backend.wandb else None for i in sweep_ids]
+    sweeps = [store.sweep(i) if backend != Backend.wandb else None for i in sweep_ids]
     if any(s is None or s["backend"] == "wandb" for s in sweeps):
         if len(sweep_ids) > 1 or workers > 1:
-            fail("W&B sweeps run one sweep per agent process: start `lenet agent SWEEP_ID` once per worker (or machine)")
+            fail(
+                "W&B sweeps run one sweep per agent process: start `lenet agent SWEEP_ID` once per worker (or machine)"
+            )
         _wandb_agent(sweep_ids[0], sweeps[0], count, project, entity)
         return
     if retry_failed:
         console.print(f"requeued {sum(store.retry_failed(i) for i in sweep_ids)} failed run(s)", highlight=False)
     gpu_list = [g.strip() for g in gpus.split(",")] if gpus else []
     specs = plan_workers(sweep_ids, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
-    console.print(f"agent on sweep(s) {', '.join(sweep_ids)}: {workers} worker(s), "
-                  + (f"GPUs {','.join(gpu_list)}, " if gpu_list else "") + f"{specs[0].threads} CPU thread(s) each", highlight=False)
+    console.print(
+        f"agent on sweep(s) {', '.join(sweep_ids)}: {workers} worker(s), "
+        + (f"GPUs {','.join(gpu_list)}, " if gpu_list else "")
+        + f"{specs[0].threads} CPU thread(s) each",
+        highlight=False,
+    )
     try:
         run_agent(specs, agent_event)
     except KeyboardInterrupt:
@@ -358,25 +479,34 @@ def agent(
     for sweep_id in sweep_ids:
         runs = store.runs(sweep_id)
         failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
-        console.print(f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
-                      + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""), highlight=False)
+        console.print(
+            f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
+            + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""),
+            highlight=False,
+        )
 
 
-def _wandb_agent(sweep_id: str, sweep: Optional[dict[str, Any]], count: Optional[int], project: Optional[str],
-                 entity: Optional[str]) -> None:
+def _wandb_agent(
+    sweep_id: str, sweep: dict[str, Any] | None, count: int | None, project: str | None, entity: str | None
+) -> None:
     """Serve a W&B sweep with our training function (W&B's own agent picks the runs)."""
     import wandb as wb
 
     from ablation.agent import wandb_sweep_function
 
-    wb.agent(sweep_id, function=wandb_sweep_function, count=count, project=project or (sweep or {}).get("project"),
-             entity=entity or (sweep or {}).get("entity"))
+    wb.agent(
+        sweep_id,
+        function=wandb_sweep_function,
+        count=count,
+        project=project or (sweep or {}).get("project"),
+        entity=entity or (sweep or {}).get("entity"),
+    )
 
 
 def load_results(sources: list[str]) -> Any:
     """Sweep ids (local store), W&B paths (entity/project/id) or bundle files, merged into one Results."""
-    from analysis.results import from_store, from_wandb, merge, read_bundle
     from ablation.store import Store
+    from analysis.results import from_store, from_wandb, merge, read_bundle
 
     parts = []
     for source in sources:
@@ -388,8 +518,7 @@ def load_results(sources: list[str]) -> Any:
             store = Store()
             sweep = store.sweep(source)
             path = "/".join(p for p in (sweep["entity"], sweep["project"], source) if p)
-            parts.append(from_wandb(path) if sweep["backend"] == "wandb"
-                         else from_store(store, source))
+            parts.append(from_wandb(path) if sweep["backend"] == "wandb" else from_store(store, source))
     return merge(parts)
 
 
@@ -401,7 +530,7 @@ def sweep_export(
     """Write a self-contained results bundle (configs, summaries, histories, dataset, versions)."""
     from analysis.results import write_bundle
 
-    results = run_guarded(load_results, [sweep_id])
+    results = load_results([sweep_id])
     write_bundle(results, file)
     say(f"wrote {file}: {len(results.runs)} runs of sweep {sweep_id} ({file.stat().st_size / 1024:.0f} KiB)")
 
@@ -411,7 +540,9 @@ def sweep_confirm(
     source: Annotated[str, typer.Argument(help="A finished sweep: id, entity/project/id or results bundle.")],
     file: Annotated[Path, typer.Argument(help="Where to write the new sweep file (then `lenet sweep create` it).")],
     epochs: Annotated[int, typer.Option(min=1, help="Epochs for the retrained runs (e.g. a longer schedule).")],
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 to retrain the best with (seed 0 at a new schedule is a new run).")] = 3,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seeds 0..N-1 to retrain the best with (seed 0 at a new schedule is a new run).")
+    ] = 3,
 ) -> None:
     """Write a sweep that retrains a sweep's best run over several seeds (its winner, confirmed)."""
     import yaml
@@ -419,14 +550,20 @@ def sweep_confirm(
     from ablation.sweep import confirm_sweep
     from analysis.tables import best_run
 
-    results = run_guarded(load_results, [source])
+    results = load_results([source])
     if len(results.sweeps) != 1:
-        fail(f"{source} holds {len(results.sweeps)} sweeps ({', '.join(results.sweeps) or 'none'}); confirm one sweep's results")
+        fail(
+            f"{source} holds {len(results.sweeps)} sweeps ({', '.join(results.sweeps) or 'none'}); "
+            "confirm one sweep's results"
+        )
     sweep_id = next(iter(results.sweeps))
     meta = results.sweeps[sweep_id]
-    run = run_guarded(best_run, results, sweep_id)
-    config = run_guarded(confirm_sweep, meta["config"], run, epochs, seeds)
-    question = f"# Question: does the best of sweep {meta['name']} ({run['chosen']}) hold up over {seeds} seeds and {epochs} epochs?"
+    run = best_run(results, sweep_id)
+    config = confirm_sweep(meta["config"], run, epochs, seeds)
+    question = (
+        f"# Question: does the best of sweep {meta['name']} ({run['chosen']}) "
+        f"hold up over {seeds} seeds and {epochs} epochs?"
+    )
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(question + "\n" + yaml.safe_dump(config, sort_keys=False))
     fixed = " ".join(f"{k}={v['value']}" for k, v in config["parameters"].items() if "value" in v)
@@ -435,31 +572,50 @@ def sweep_confirm(
 
 @app.command()
 def report(
-    sources: Annotated[list[str], typer.Argument(help="Sweep ids, entity/project/id W&B paths, or bundle files (merged).")],
+    sources: Annotated[
+        list[str], typer.Argument(help="Sweep ids, entity/project/id W&B paths, or bundle files (merged).")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for report.md, CSV and PNG files.")] = Path("report"),
-    wandb: Annotated[bool, typer.Option("--wandb", help="Also build a W&B Report (needs a W&B login) and print its URL.")] = False,
+    wandb: Annotated[
+        bool, typer.Option("--wandb", help="Also build a W&B Report (needs a W&B login) and print its URL.")
+    ] = False,
     project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "lenet",
-    entity: Annotated[Optional[str], typer.Option(help="W&B entity for --wandb.")] = None,
+    entity: Annotated[str | None, typer.Option(help="W&B entity for --wandb.")] = None,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
     from analysis.report import wandb_report, write_report
-    from analysis.tables import format_effects, effects, factors, seed_table
+    from analysis.tables import effects, factors, format_effects, seed_table
 
-    results = run_guarded(load_results, sources)
+    results = load_results(sources)
     if results.runs.empty:
         fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
     for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
         table = seed_table(results, sweep_id)
-        _print_table(f"{meta['name']}: comparison (mean ± std over seeds)",
-                     table[["Model/variant", "# Epochs", "Val Accuracy", "Test Accuracy", "Not counted"]])
+        _print_table(
+            f"{meta['name']}: comparison (mean ± std over seeds)",
+            table[["Model/variant", "# Epochs", "Val Accuracy", "Test Accuracy", "Not counted"]],
+        )
         if factors(meta["config"]):
             effect = format_effects(effects(results, sweep_id))
-            _print_table(f"{meta['name']}: effects (95% CI)", effect[["factor", "context", "level", "n", "val acc % (95% CI)",
-                                                                         "Δ val vs baseline", "verdict (val)", "test acc % (95% CI)"]])
+            _print_table(
+                f"{meta['name']}: effects (95% CI)",
+                effect[
+                    [
+                        "factor",
+                        "context",
+                        "level",
+                        "n",
+                        "val acc % (95% CI)",
+                        "Δ val vs baseline",
+                        "verdict (val)",
+                        "test acc % (95% CI)",
+                    ]
+                ],
+            )
     path = write_report(results, out, sources, "lenet report " + " ".join(sources) + f" --out {out}")
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
-        built = run_guarded(_save_wandb_report, wandb_report(results, entity, project))
+        built = _save_wandb_report(wandb_report(results, entity, project))
         say(f"W&B report: {built}")
 
 
@@ -469,7 +625,9 @@ def _save_wandb_report(report: Any) -> str:
     try:
         return report.save().url
     except Exception as exc:
-        raise TrackingError(f"could not save the W&B report ({type(exc).__name__}); run `wandb login` and check --entity/--project") from None
+        raise TrackingError(
+            f"could not save the W&B report ({type(exc).__name__}); run `wandb login` and check --entity/--project"
+        ) from None
 
 
 def _print_table(title: str, frame: Any) -> None:

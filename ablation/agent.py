@@ -8,9 +8,10 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation.config import RunConfig
 from ablation.errors import LenetError
@@ -87,12 +88,26 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event) -
     try:
         config = run_config(claim.params, spec)
         if spec.wandb_mode != "disabled":
-            wandb_run = start_wandb(config.to_dict(), spec.wandb_mode, "lenet", id=claim.run_id, group=claim.sweep_id,
-                                    name=claim.run_id, dir=str(home_of(spec)), resume="allow", job_type="sweep")
+            wandb_run = start_wandb(
+                config.to_dict(),
+                spec.wandb_mode,
+                "lenet",
+                id=claim.run_id,
+                group=claim.sweep_id,
+                name=claim.run_id,
+                dir=str(home_of(spec)),
+                resume="allow",
+                job_type="sweep",
+            )
         logger = FanOut(StoreLogger(store, claim.run_id), *([WandbLogger(wandb_run)] if wandb_run else []))
         with Heartbeat(spec.store_path, claim.run_id):
-            summary = train(config, logger, checkpoint_dir=run_dir, resume=claim.attempt > 1,
-                            should_stop=lambda: store.should_stop(claim.run_id))
+            summary = train(
+                config,
+                logger,
+                checkpoint_dir=run_dir,
+                resume=claim.attempt > 1,
+                should_stop=lambda: store.should_stop(claim.run_id),
+            )
         store.finish(claim.run_id, summary["state"], summary)
         on_event("end", {"run": claim.run_id, "state": summary["state"], "summary": summary})
         return summary["state"]
@@ -101,7 +116,11 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event) -
         raise
     except Exception as exc:  # a failed run is recorded, never allowed to kill the agent
         message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
-        store.finish(claim.run_id, "failed", error=message + ("" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()))
+        store.finish(
+            claim.run_id,
+            "failed",
+            error=message + ("" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()),
+        )
         on_event("end", {"run": claim.run_id, "state": "failed", "error": message})
         return "failed"
     finally:
@@ -144,13 +163,24 @@ def work(spec: WorkerSpec, on_event: Event) -> int:
     return done
 
 
-def plan_workers(sweep_ids: list[str], store_path: Path, workers: int, gpus: list[str], count: int | None,
-                 wandb_mode: str) -> list[WorkerSpec]:
+def plan_workers(
+    sweep_ids: list[str], store_path: Path, workers: int, gpus: list[str], count: int | None, wandb_mode: str
+) -> list[WorkerSpec]:
     """K workers, the CPU cores split between them (no oversubscription), round-robin over `gpus` if given."""
     threads = max(1, cpu_threads(0) // workers)  # GPU workers too, or each one's torch starts a thread per core
     host = socket.gethostname()
-    return [WorkerSpec(tuple(sweep_ids), f"{host}-{os.getpid()}-{i}", store_path, count, threads,
-                       gpus[i % len(gpus)] if gpus else None, wandb_mode) for i in range(workers)]
+    return [
+        WorkerSpec(
+            tuple(sweep_ids),
+            f"{host}-{os.getpid()}-{i}",
+            store_path,
+            count,
+            threads,
+            gpus[i % len(gpus)] if gpus else None,
+            wandb_mode,
+        )
+        for i in range(workers)
+    ]
 
 
 def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:
@@ -181,8 +211,7 @@ def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, An
     try:
         config = RunConfig.from_dict({k: v for k, v in dict(run.config).items() if not k.startswith("_")})
         run.config.update(config.to_dict(), allow_val_change=True)
-        summary = train(config, FanOut(WandbLogger(run), MemoryLogger()),
-                        checkpoint_dir=home() / "runs" / run.id)
+        summary = train(config, FanOut(WandbLogger(run), MemoryLogger()), checkpoint_dir=home() / "runs" / run.id)
         run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
         return summary
     except BaseException:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ablation.errors import ConfigError, LenetError
 
@@ -15,8 +16,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "activation": ("sigmoid", "tanh", "scaled_tanh", "relu", "leaky_relu", "elu", "gelu", "silu"),
     "pooling": ("avg", "max"),
     "norm": ("none", "batch"),
-    "init": ("default", "lecun_normal", "xavier_uniform", "xavier_normal",
-             "kaiming_uniform", "kaiming_normal", "orthogonal"),
+    "init": (
+        "default",
+        "lecun_normal",
+        "xavier_uniform",
+        "xavier_normal",
+        "kaiming_uniform",
+        "kaiming_normal",
+        "orthogonal",
+    ),
     "optimizer": ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"),
     "schedule": ("constant", "step", "cosine", "onecycle"),
     "augment": ("none", "flip", "crop", "crop_flip"),
@@ -103,23 +111,38 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-FIELD_TYPES: dict[str, type] = {f.name: {"str": str, "int": int, "float": float}[f.type]
-                                for f in fields(RunConfig)}
+FIELD_TYPES: dict[str, type] = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in fields(RunConfig)}
 
 # Presets set every technique explicitly, so a preset never silently inherits another's choice.
 PRESETS: dict[str, dict[str, Any]] = {
     # The best recipe found within LeNet-5's shape (see docs/results.md for how it was chosen).
-    "modern": {f.name: f.default for f in fields(RunConfig)
-               if f.name not in ("data", "data_dir", "device", "precision", "threads", "seed",
-                                 "val_size", "split_seed", "preset")},
+    "modern": {
+        f.name: f.default
+        for f in fields(RunConfig)
+        if f.name
+        not in ("data", "data_dir", "device", "precision", "threads", "seed", "val_size", "split_seed", "preset")
+    },
     # Close to LeCun et al. 1998 within LeNet-5's shape: scaled tanh, average pooling, plain SGD,
     # LeCun's fan-in init, no augmentation or regularisation, a constant learning rate.
     "classic": {
-        "activation": "scaled_tanh", "pooling": "avg", "norm": "none", "dropout": 0.0,
-        "init": "lecun_normal", "optimizer": "sgd", "lr": 0.02, "momentum": 0.0,
-        "weight_decay": 0.0, "l1": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
-        "label_smoothing": 0.0, "grad_clip": 0.0, "batch_size": 32, "epochs": 30,
-        "early_stopping": 0, "augment": "none",
+        "activation": "scaled_tanh",
+        "pooling": "avg",
+        "norm": "none",
+        "dropout": 0.0,
+        "init": "lecun_normal",
+        "optimizer": "sgd",
+        "lr": 0.02,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "l1": 0.0,
+        "schedule": "constant",
+        "warmup_epochs": 0.0,
+        "label_smoothing": 0.0,
+        "grad_clip": 0.0,
+        "batch_size": 32,
+        "epochs": 30,
+        "early_stopping": 0,
+        "augment": "none",
     },
 }
 
@@ -152,8 +175,11 @@ EXTRAS: tuple[tuple[str, dict[str, Any]], ...] = (
 # AdamW's decay is decoupled (weights shrink by lr * wd per step), so modern's 5e-4 would be ~no decay at
 # lr 1e-3; it gets PyTorch's default 0.01 instead. Adam and RMSprop keep modern's coupled L2 5e-4.
 OPTIMISERS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("sgd", {"lr": 0.1}), ("momentum", {"lr": 0.1}), ("adam", {"lr": 0.001}),
-    ("adamw", {"lr": 0.001, "weight_decay": 0.01}), ("rmsprop", {"lr": 0.001}),
+    ("sgd", {"lr": 0.1}),
+    ("momentum", {"lr": 0.1}),
+    ("adam", {"lr": 0.001}),
+    ("adamw", {"lr": 0.001, "weight_decay": 0.01}),
+    ("rmsprop", {"lr": 0.001}),
 )
 
 
@@ -183,8 +209,7 @@ def _unknown_message(unknown: list[str]) -> str:
     for key in unknown:
         close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return (f"unknown run setting {', '.join(hints)}; valid settings: "
-            f"{', '.join(FIELD_TYPES)} (see `lenet params`)")
+    return f"unknown run setting {', '.join(hints)}; valid settings: {', '.join(FIELD_TYPES)} (see `lenet params`)"
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -201,8 +226,10 @@ def _coerce(key: str, value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         example = RunConfig.__dataclass_fields__[key].default
-        raise ConfigError(f"{key}={value!r} is not a valid {kind.__name__}; "
-                          f"give {'a whole' if kind is int else 'a'} number, e.g. {key}={example}") from None
+        raise ConfigError(
+            f"{key}={value!r} is not a valid {kind.__name__}; "
+            f"give {'a whole' if kind is int else 'a'} number, e.g. {key}={example}"
+        ) from None
 
 
 def _check_value(key: str, value: Any) -> None:
@@ -245,8 +272,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value, e.g. 'lr: 0.01'")
-    return {k: (v["value"] if isinstance(v, dict) and "value" in v else v)
-            for k, v in data.items() if not str(k).startswith("_")}
+    return {
+        k: (v["value"] if isinstance(v, dict) and "value" in v else v)
+        for k, v in data.items()
+        if not str(k).startswith("_")
+    }
 
 
 def describe() -> list[tuple[str, str, str, str]]:

@@ -5,18 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ablation.config import RunConfig
 from ablation.errors import DataError
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -71,7 +70,9 @@ def _locate(kind: str, root: Path) -> tuple[str, Path]:
     """Find the source for `data=kind` under `root`: ('batches'|'folder'|'archive'|'download', path)."""
     if root.is_file() and kind in ("auto", "folder"):
         if not root.name.endswith(ARCHIVE_SUFFIXES):
-            raise DataError(f"data_dir={root} is a file; give a folder or an image-folder archive ({', '.join(ARCHIVE_SUFFIXES)})")
+            raise DataError(
+                f"data_dir={root} is a file; give a folder or an image-folder archive ({', '.join(ARCHIVE_SUFFIXES)})"
+            )
         return "archive", root
     batches = next((d for d in (root / BATCHES_DIR, root) if (d / "data_batch_1").exists()), None)
     if kind in ("auto", "cifar10") and batches is not None:
@@ -81,8 +82,10 @@ def _locate(kind: str, root: Path) -> tuple[str, Path]:
         if folder is not None:
             return "folder", folder
     if kind == "folder":
-        raise DataError(f"no image folder (train/<class>/*, test/<class>/*) found in {root}; extract one there, "
-                        f"e.g. tar -xzf cifar10-jpg.tar.gz -C {root}, or set data_dir=")
+        raise DataError(
+            f"no image folder (train/<class>/*, test/<class>/*) found in {root}; extract one there, "
+            f"e.g. tar -xzf cifar10-jpg.tar.gz -C {root}, or set data_dir="
+        )
     return "download", root
 
 
@@ -104,16 +107,23 @@ def download_cifar10(root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(url, str(root), md5="c58f30108f718f92721af3b95e74349a")
     except Exception as exc:  # urllib, ssl, OSError, RuntimeError(md5): all mean "no usable copy"
-        raise DataError(f"no CIFAR-10 found in {root} and the download from {url} failed ({type(exc).__name__}); "
-                        f"put the python batches or an image folder there, or set data_dir= / LENET_DATA_DIR") from None
+        raise DataError(
+            f"no CIFAR-10 found in {root} and the download from {url} failed ({type(exc).__name__}); "
+            f"put the python batches or an image folder there, or set data_dir= / LENET_DATA_DIR"
+        ) from None
     return root / BATCHES_DIR
 
 
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what CIFAR python batches contain (numpy arrays), so a pickle cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self.ALLOWED:
@@ -131,12 +141,18 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = torch.as_tensor(list(entry.get(b"labels", entry.get(b"fine_labels", []))), dtype=torch.int64)
     except FileNotFoundError:
-        raise DataError(f"missing CIFAR-10 batch {path}; re-download it (delete {path.parent} and run with data=cifar10)") from None
+        raise DataError(
+            f"missing CIFAR-10 batch {path}; re-download it (delete {path.parent} and run with data=cifar10)"
+        ) from None
     except Exception as exc:
-        raise DataError(f"corrupt CIFAR-10 batch {path} ({type(exc).__name__}: {exc}); "
-                        f"delete {path.parent} and download it again with data=cifar10") from None
+        raise DataError(
+            f"corrupt CIFAR-10 batch {path} ({type(exc).__name__}: {exc}); "
+            f"delete {path.parent} and download it again with data=cifar10"
+        ) from None
     if len(labels) != len(data):
-        raise DataError(f"corrupt CIFAR-10 batch {path}: {len(data)} images but {len(labels)} labels; download it again")
+        raise DataError(
+            f"corrupt CIFAR-10 batch {path}: {len(data)} images but {len(labels)} labels; download it again"
+        )
     return torch.from_numpy(data.copy()), labels
 
 
@@ -144,16 +160,19 @@ def read_batches(folder: Path) -> Dataset:
     """Read the official python batches (data_batch_1..5, test_batch) from `folder`."""
     train = [_read_batch(folder / name) for name in TRAIN_BATCHES]
     test_x, test_y = _read_batch(folder / "test_batch")
-    return Dataset(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]),
-                   test_x, test_y, CIFAR10_CLASSES, "cifar10")
+    return Dataset(
+        torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_x, test_y, CIFAR10_CLASSES, "cifar10"
+    )
 
 
 def _list_split(split_dir: Path, classes: tuple[str, ...] | None) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """Image paths and labels of one split; class index = position in the sorted class-folder names."""
     found = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
     if not found or (classes is not None and found != classes):
-        raise DataError(f"{split_dir} must hold one folder per class ({', '.join(classes or CIFAR10_CLASSES)}); "
-                        f"found {', '.join(found) or 'none'}")
+        raise DataError(
+            f"{split_dir} must hold one folder per class ({', '.join(classes or CIFAR10_CLASSES)}); "
+            f"found {', '.join(found) or 'none'}"
+        )
     paths, labels = [], []
     for index, cls in enumerate(found):
         files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -191,10 +210,17 @@ def read_image_archive(path: Path) -> Dataset:
         with tarfile.open(path) as tar:
             for info in tar:
                 parts = info.name.split("/")
-                if info.isfile() and len(parts) >= 3 and parts[-3] in members and info.name.lower().endswith(IMAGE_SUFFIXES):
+                if (
+                    info.isfile()
+                    and len(parts) >= 3
+                    and parts[-3] in members
+                    and info.name.lower().endswith(IMAGE_SUFFIXES)
+                ):
                     members[parts[-3]].setdefault(parts[-2], []).append((info.name, tar.extractfile(info).read()))
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"cannot read archive {path} ({type(exc).__name__}: {exc}); it is truncated or corrupt, fetch it again") from None
+        raise DataError(
+            f"cannot read archive {path} ({type(exc).__name__}: {exc}); it is truncated or corrupt, fetch it again"
+        ) from None
     classes = tuple(sorted(members["train"]))
     if not classes or tuple(sorted(members["test"])) != classes:
         raise DataError(f"archive {path} must hold train/<class>/* and test/<class>/* images with the same classes")
@@ -290,7 +316,9 @@ def _reflect(index: torch.Tensor) -> torch.Tensor:
     return 31 - (31 - index.abs()).abs()
 
 
-def augment_indices(batch: int, mode: str, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_indices(
+    batch: int, mode: str, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample row and column indices (B x 32 each) that crop (pad 4, reflect) and/or flip."""
     base = torch.arange(32, device=device)
     rows = base.expand(batch, 32)
@@ -311,8 +339,7 @@ def gather_batch(images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.
     rows, cols = augment_indices(len(idx), mode, gen, images.device)
     # Flat offsets into the N*3*32*32 tensor: image, channel (1024 px), row (32 px), column.
     channel = torch.arange(3, device=images.device).view(1, 3, 1, 1) * 1024
-    offsets = (idx.view(-1, 1, 1, 1) * 3072 + channel
-               + rows.view(-1, 1, 32, 1) * 32 + cols.view(-1, 1, 1, 32))
+    offsets = idx.view(-1, 1, 1, 1) * 3072 + channel + rows.view(-1, 1, 32, 1) * 32 + cols.view(-1, 1, 1, 32)
     return images.view(-1).take(offsets)
 
 
@@ -344,8 +371,11 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = (torch.randperm(n, generator=self.gen, device=self.images.device) if self.shuffle
-                 else torch.arange(n, device=self.images.device))
+        order = (
+            torch.randperm(n, generator=self.gen, device=self.images.device)
+            if self.shuffle
+            else torch.arange(n, device=self.images.device)
+        )
         for start in range(0, self._stop(), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             yield self.normalise(gather_batch(self.images, idx, self.augment, self.gen)), self.labels[idx]

@@ -2,11 +2,15 @@
 
 
 class LenetError(Exception):
-    """Base class: the CLI prints the message on one line and exits non-zero."""
+    """Base class: the CLI prints the message on one line and exits with `exit_code`."""
+
+    exit_code = 1  # a runtime error (Click's convention: 2 is a usage error)
 
 
 class ConfigError(LenetError):
-    """An unknown run setting, a bad value, or an unreadable config file."""
+    """An unknown run setting, a bad value, or an unreadable config file: a usage error."""
+
+    exit_code = 2
 
 
 class DataError(LenetError):
@@ -27,3 +31,7 @@ class SweepError(LenetError):
 
 class StoreError(LenetError):
     """The local sweep store is unreadable or corrupt."""
+
+
+class OutputError(LenetError):
+    """An output path that cannot be written: read-only, a file where a folder belongs, or a full disk."""

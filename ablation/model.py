@@ -21,8 +21,15 @@ def make_activation(name: str) -> nn.Module:
     """The activation module for a config's `activation` value."""
     if name == "scaled_tanh":
         return ScaledTanh()
-    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
-            "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
+    return {
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "relu": nn.ReLU,
+        "leaky_relu": nn.LeakyReLU,
+        "elu": nn.ELU,
+        "gelu": nn.GELU,
+        "silu": nn.SiLU,
+    }[name]()
 
 
 def _block(layer: nn.Module, width: int, config: RunConfig, conv: bool) -> list[nn.Module]:

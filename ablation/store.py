@@ -12,10 +12,11 @@ import secrets
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ablation.errors import StoreError, SweepError
 from ablation.sweep import grid_size, suggest, sweep_run, to_stop
@@ -59,12 +60,14 @@ class Claim:
 
 def _json(value: Any) -> str:
     """JSON that keeps NaN/inf out of the file (they become null)."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
         return v
+
     return json.dumps(clean(value))
 
 
@@ -81,8 +84,10 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=60000")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"the sweep store {self.path} is corrupt or not a lenet store ({exc}); "
-                             f"move it away (set LENET_HOME to start a new one) and restore from exported bundles") from None
+            raise StoreError(
+                f"the sweep store {self.path} is corrupt or not a lenet store ({exc}); "
+                f"move it away (set LENET_HOME to start a new one) and restore from exported bundles"
+            ) from None
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -95,15 +100,33 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
-    def create_sweep(self, config: dict[str, Any], backend: str = "local", sweep_id: str | None = None,
-                     seed: int | None = None, project: str | None = None, entity: str | None = None) -> str:
+    def create_sweep(
+        self,
+        config: dict[str, Any],
+        backend: str = "local",
+        sweep_id: str | None = None,
+        seed: int | None = None,
+        project: str | None = None,
+        entity: str | None = None,
+    ) -> str:
         """Record a validated sweep; returns its id (8 lowercase letters/digits, as W&B's)."""
         sweep_id = sweep_id or secrets.token_hex(4)
         seed = secrets.randbelow(2**31) if seed is None else seed
         with self.transaction() as db:
-            db.execute("INSERT INTO sweeps VALUES (?,?,?,?,?,?,?,?,?)",
-                       (sweep_id, config.get("name"), backend, json.dumps(config), seed, "running", project,
-                        entity, time.time()))
+            db.execute(
+                "INSERT INTO sweeps VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    sweep_id,
+                    config.get("name"),
+                    backend,
+                    json.dumps(config),
+                    seed,
+                    "running",
+                    project,
+                    entity,
+                    time.time(),
+                ),
+            )
         return sweep_id
 
     def sweep(self, sweep_id: str) -> dict[str, Any]:
@@ -111,8 +134,10 @@ class Store:
         row = self.db.execute("SELECT * FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
         if row is None:
             known = [r["id"] for r in self.db.execute("SELECT id FROM sweeps ORDER BY created_at DESC LIMIT 5")]
-            raise SweepError(f"unknown sweep id {sweep_id!r} in {self.path}; "
-                             + (f"recent sweeps: {', '.join(known)}" if known else "create one with `lenet sweep create FILE`"))
+            raise SweepError(
+                f"unknown sweep id {sweep_id!r} in {self.path}; "
+                + (f"recent sweeps: {', '.join(known)}" if known else "create one with `lenet sweep create FILE`")
+            )
         return {**dict(row), "config": json.loads(row["config"])}
 
     def sweeps(self) -> list[dict[str, Any]]:
@@ -128,8 +153,14 @@ class Store:
     def runs(self, sweep_id: str) -> list[dict[str, Any]]:
         """A sweep's runs in creation order, with params and summary decoded."""
         rows = self.db.execute("SELECT * FROM runs WHERE sweep_id = ? ORDER BY idx", (sweep_id,)).fetchall()
-        return [{**dict(r), "params": json.loads(r["params"]),
-                 "summary": json.loads(r["summary"]) if r["summary"] else None} for r in rows]
+        return [
+            {
+                **dict(r),
+                "params": json.loads(r["params"]),
+                "summary": json.loads(r["summary"]) if r["summary"] else None,
+            }
+            for r in rows
+        ]
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         """Per-epoch metrics of one run, by epoch."""
@@ -143,26 +174,32 @@ class Store:
             if sweep["state"] != "running":
                 return None
             self._requeue_stale(db, sweep_id)
-            row = db.execute("SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' ORDER BY idx LIMIT 1",
-                             (sweep_id,)).fetchone()
+            row = db.execute(
+                "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' ORDER BY idx LIMIT 1", (sweep_id,)
+            ).fetchone()
             if row is None:
                 row = self._new_run(db, sweep)
             if row is None:
-                in_flight = db.execute("SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state = 'running'",
-                                       (sweep_id,)).fetchone()[0]
+                in_flight = db.execute(
+                    "SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state = 'running'", (sweep_id,)
+                ).fetchone()[0]
                 if not in_flight:
                     db.execute("UPDATE sweeps SET state = 'finished' WHERE id = ?", (sweep_id,))
                 return WAIT if in_flight else None
             now = time.time()
-            db.execute("UPDATE runs SET state = 'running', worker = ?, pid = ?, host = ?, attempts = attempts + 1, "
-                       "heartbeat_at = ?, started_at = COALESCE(started_at, ?), error = NULL WHERE id = ?",
-                       (worker, os.getpid(), socket.gethostname(), now, now, row["id"]))
+            db.execute(
+                "UPDATE runs SET state = 'running', worker = ?, pid = ?, host = ?, attempts = attempts + 1, "
+                "heartbeat_at = ?, started_at = COALESCE(started_at, ?), error = NULL WHERE id = ?",
+                (worker, os.getpid(), socket.gethostname(), now, now, row["id"]),
+            )
             return Claim(row["id"], sweep_id, json.loads(row["params"]), row["attempts"] + 1)
 
     def _requeue_stale(self, db: sqlite3.Connection, sweep_id: str) -> None:
-        db.execute("UPDATE runs SET state = 'pending', error = 'worker lost (no heartbeat); requeued' "
-                   "WHERE sweep_id = ? AND state = 'running' AND heartbeat_at < ?",
-                   (sweep_id, time.time() - heartbeat_timeout()))
+        db.execute(
+            "UPDATE runs SET state = 'pending', error = 'worker lost (no heartbeat); requeued' "
+            "WHERE sweep_id = ? AND state = 'running' AND heartbeat_at < ?",
+            (sweep_id, time.time() - heartbeat_timeout()),
+        )
 
     def _new_run(self, db: sqlite3.Connection, sweep: dict[str, Any]) -> sqlite3.Row | None:
         """Ask W&B's search logic for the next point; insert it as pending. None: grid done or run_cap hit."""
@@ -175,8 +212,10 @@ class Store:
             return None
         idx = len(runs)
         run_id = f"{sweep['id']}-{idx:03d}"
-        db.execute("INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
-                   (run_id, sweep["id"], idx, json.dumps(params), "pending", 0, time.time()))
+        db.execute(
+            "INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
+            (run_id, sweep["id"], idx, json.dumps(params), "pending", 0, time.time()),
+        )
         return db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
 
     def heartbeat(self, run_id: str) -> None:
@@ -192,21 +231,28 @@ class Store:
     def finish(self, run_id: str, state: str, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
         """Close a run as finished, failed, diverged, stopped (hyperband) or stopped_early."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET state = ?, summary = ?, error = ?, ended_at = ? WHERE id = ?",
-                       (state, _json(summary) if summary is not None else None, error, time.time(), run_id))
+            db.execute(
+                "UPDATE runs SET state = ?, summary = ?, error = ?, ended_at = ? WHERE id = ?",
+                (state, _json(summary) if summary is not None else None, error, time.time(), run_id),
+            )
 
     def requeue(self, run_id: str, reason: str) -> None:
         """Hand a run back (its worker was interrupted); the next claim resumes it from its checkpoint."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id))
+            db.execute(
+                "UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id)
+            )
 
     def retry_failed(self, sweep_id: str) -> int:
         """Requeue the sweep's failed and diverged runs; returns how many."""
         self.sweep(sweep_id)
         with self.transaction() as db:
             # attempts = 0: a retry trains from scratch (a diverged run's checkpoint holds NaN state)
-            count = db.execute("UPDATE runs SET state = 'pending', error = NULL, attempts = 0 WHERE sweep_id = ? "
-                               "AND state IN ('failed', 'diverged')", (sweep_id,)).rowcount
+            count = db.execute(
+                "UPDATE runs SET state = 'pending', error = NULL, attempts = 0 WHERE sweep_id = ? "
+                "AND state IN ('failed', 'diverged')",
+                (sweep_id,),
+            ).rowcount
             if count:
                 db.execute("UPDATE sweeps SET state = 'running' WHERE id = ? AND state = 'finished'", (sweep_id,))
         return count

@@ -7,9 +7,10 @@ import hashlib
 import math
 import random
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ablation.config import FIELD_TYPES, RunConfig, read_yaml
 from ablation.errors import ConfigError, SweepError
@@ -55,7 +56,9 @@ def schema_problems(config: dict[str, Any]) -> list[str]:
     sweeps = engine()
     where = {e.message: ".".join(map(str, e.absolute_path)) for e in sweeps.config.schema.validator.iter_errors(config)}
     try:
-        problems = [f"{where[m]}: {m}" if where.get(m) else m for m in sweeps.schema_violations_from_proposed_config(config)]
+        problems = [
+            f"{where[m]}: {m}" if where.get(m) else m for m in sweeps.schema_violations_from_proposed_config(config)
+        ]
     except ValueError as exc:
         problems = [str(exc)]
     if config.get("method") not in ("grid", "random", "bayes"):
@@ -134,8 +137,9 @@ def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
 
 
-def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[dict[str, Any]],
-              summary: dict[str, Any] | None) -> Any:
+def sweep_run(
+    name: str, state: str, params: dict[str, Any], history: Iterable[dict[str, Any]], summary: dict[str, Any] | None
+) -> Any:
     """A `sweeps.SweepRun` from our records, with its fields set by their Python names (not aliases)."""
     engine_state = {"diverged": "failed", "stopped": "finished", "stopped_early": "finished"}.get(state, state)
     with quiet():
@@ -146,17 +150,25 @@ def sweep_run(name: str, state: str, params: dict[str, Any], history: Iterable[d
 
 
 def confirm_sweep(config: dict[str, Any], run: dict[str, Any], epochs: int, seeds: int) -> dict[str, Any]:
-    """A grid sweep that retrains one run (its values of `config`'s parameters) over `seeds` seeds for `epochs` epochs."""
+    """A grid sweep retraining one run (its values of `config`'s parameters) over `seeds` seeds for `epochs` epochs."""
     fixed = {k: plain(run.get(k)) for k in config["parameters"] if k not in ("seed", "epochs")}
     unknown = [k for k, v in fixed.items() if v is None or isinstance(v, (dict, list)) or v != v]  # v != v: NaN
     if unknown:
-        raise SweepError(f"cannot confirm: the best run has no single value for {', '.join(unknown)} "
-                         f"(not a lenet setting?); write the confirmation sweep by hand")
-    return {"name": f"{config.get('name') or 'sweep'}_confirm", "method": "grid",
-            "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
-            "parameters": {**{k: {"value": v} for k, v in fixed.items()},
-                           "epochs": {"value": epochs}, "seed": {"values": list(range(seeds))}},
-            "command": config.get("command") or ["lenet", "train", "${args_no_hyphens}"]}
+        raise SweepError(
+            f"cannot confirm: the best run has no single value for {', '.join(unknown)} "
+            f"(not a lenet setting?); write the confirmation sweep by hand"
+        )
+    return {
+        "name": f"{config.get('name') or 'sweep'}_confirm",
+        "method": "grid",
+        "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
+        "parameters": {
+            **{k: {"value": v} for k, v in fixed.items()},
+            "epochs": {"value": epochs},
+            "seed": {"values": list(range(seeds))},
+        },
+        "command": config.get("command") or ["lenet", "train", "${args_no_hyphens}"],
+    }
 
 
 def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any] | None:

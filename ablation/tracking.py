@@ -113,8 +113,10 @@ def start_wandb(config: dict[str, Any], mode: str, project: str, **kwargs: Any) 
     try:
         return wandb.init(project=project, config=config, mode=mode, settings=settings, **kwargs)
     except Exception as exc:  # wandb raises many types (CommError, UsageError, timeouts)
-        raise TrackingError(f"could not start a W&B {mode} run ({type(exc).__name__}: {_one_line(exc)}); "
-                            f"run `wandb login`, or use --wandb offline") from None
+        raise TrackingError(
+            f"could not start a W&B {mode} run ({type(exc).__name__}: {_one_line(exc)}); "
+            f"run `wandb login`, or use --wandb offline"
+        ) from None
 
 
 def _one_line(exc: Exception) -> str:

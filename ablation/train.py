@@ -7,10 +7,11 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,8 @@ class Trainer:
         steps = len(self.batches) * c.epochs
         warmup = round(c.warmup_epochs * len(self.batches))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, steps, warmup, c.schedule))
+            self.optimizer, lambda s: lr_factor(s, steps, warmup, c.schedule)
+        )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.weights = [p for p in self.model.parameters() if p.ndim > 1]
 
@@ -143,10 +145,14 @@ class Trainer:
 
     def resume_state(self, record: Record) -> dict[str, Any]:
         """Everything besides the weights that an interrupted run needs to continue exactly."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "data_rng": self.batches.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # dropout on GPU
-                "record": record.dump()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_rng": self.batches.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # dropout on GPU
+            "record": record.dump(),
+        }
 
     def epoch(self) -> tuple[float, float, int]:
         """Train one epoch: (mean loss, accuracy %, images seen); stats are synced once, at the end."""
@@ -170,15 +176,30 @@ def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[
     gen = torch.Generator(device=device).manual_seed(config.seed)
 
     def stream(x: torch.Tensor, y: torch.Tensor, train: bool) -> Batches:
-        return Batches(x.to(device).contiguous(), y.to(device), mean.to(device), std.to(device),
-                       config.batch_size if train else EVAL_BATCH, config.augment if train else "none",
-                       shuffle=train, drop_last=train, memory_format=memory_format(config), gen=gen)
+        return Batches(
+            x.to(device).contiguous(),
+            y.to(device),
+            mean.to(device),
+            std.to(device),
+            config.batch_size if train else EVAL_BATCH,
+            config.augment if train else "none",
+            shuffle=train,
+            drop_last=train,
+            memory_format=memory_format(config),
+            gen=gen,
+        )
 
     return stream(train_x, train_y, True), stream(val_x, val_y, False), stream(dataset.test_x, dataset.test_y, False)
 
 
-def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None, dataset: Dataset | None = None,
-          resume: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def train(
+    config: RunConfig,
+    logger: Logger,
+    checkpoint_dir: Path | None = None,
+    dataset: Dataset | None = None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
     """Train one run; log every epoch; return the summary (test metrics are of the best-val checkpoint).
 
     With `checkpoint_dir`, best.pt and a resumable last.pt are written every epoch; `resume` continues
@@ -200,20 +221,34 @@ def train(config: RunConfig, logger: Logger, checkpoint_dir: Path | None = None,
         train_loss, train_acc, seen = trainer.epoch()
         val_loss, val_acc = evaluate(model, val_b, dtype)
         seconds = time.perf_counter() - tick
-        metrics = {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc,
-                   "lr": trainer.scheduler.get_last_lr()[0], "time/epoch_s": seconds,
-                   "throughput/img_s": (seen + len(val_b.labels)) / seconds}
+        metrics = {
+            "train/loss": train_loss,
+            "train/acc": train_acc,
+            "val/loss": val_loss,
+            "val/acc": val_acc,
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "time/epoch_s": seconds,
+            "throughput/img_s": (seen + len(val_b.labels)) / seconds,
+        }
         logger.log(metrics, epoch)
         if record.add(epoch, metrics, model) and checkpoint_dir:
             save_checkpoint(checkpoint_dir / "best.pt", model, config, dataset, record.summary(), epoch, train_b)
         stop = record.should_stop(should_stop)
         if last:
-            save_checkpoint(last, model, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record))
+            save_checkpoint(
+                last, model, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record)
+            )
         if stop:
             break
     summary = record.finish(model, test_b, dtype, start)
-    summary.update(dataset=dataset.name, params=count_parameters(model), device=str(device),
-                   threads=torch.get_num_threads(), torch=str(torch.__version__), python=platform.python_version())
+    summary.update(
+        dataset=dataset.name,
+        params=count_parameters(model),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        torch=str(torch.__version__),
+        python=platform.python_version(),
+    )
     if last:
         save_checkpoint(last, model, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
     logger.summary(summary)
@@ -288,8 +323,14 @@ class Record:
 
     def dump(self) -> dict[str, Any]:
         """The bookkeeping as plain data, for a resumable checkpoint."""
-        return {"history": self.history, "best": self.best, "best_state": self.best_state,
-                "reached": self.reached, "stale": self.stale, "lowest_val_loss": self.lowest_val_loss}
+        return {
+            "history": self.history,
+            "best": self.best,
+            "best_state": self.best_state,
+            "reached": self.reached,
+            "stale": self.stale,
+            "lowest_val_loss": self.lowest_val_loss,
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         """Continue from `dump()`'s output; the run is running again."""
@@ -301,14 +342,20 @@ class Record:
         """The run's results so far (test metrics are added by `finish`)."""
         best = self.best
         out: dict[str, Any] = {
-            "state": self.state, "epochs_run": len(self.history), "best_epoch": best.get("epoch"),
-            "best/val_acc": best.get("val/acc"), "best/val_loss": best.get("val/loss"),
-            "best/train_acc": best.get("train/acc"), "best/train_loss": best.get("train/loss"),
+            "state": self.state,
+            "epochs_run": len(self.history),
+            "best_epoch": best.get("epoch"),
+            "best/val_acc": best.get("val/acc"),
+            "best/val_loss": best.get("val/loss"),
+            "best/train_acc": best.get("train/acc"),
+            "best/train_loss": best.get("train/loss"),
             "gap/train_val_acc": best["train/acc"] - best["val/acc"] if best else None,
         }
         out.update({f"epochs_to/val_acc_{t}": self.reached.get(t) for t in THRESHOLDS})
         last = self.history[-1] if self.history else {}
-        out.update({f"final/{k}": v for k, v in last.items() if k in ("train/loss", "train/acc", "val/loss", "val/acc")})
+        out.update(
+            {f"final/{k}": v for k, v in last.items() if k in ("train/loss", "train/acc", "val/loss", "val/acc")}
+        )
         return out
 
     def finish(self, model: nn.Module, test: Batches, dtype: torch.dtype | None, start: float) -> dict[str, Any]:
@@ -321,18 +368,38 @@ class Record:
             test_loss, test_acc = evaluate(best, test, dtype)
         else:
             test_loss, test_acc = math.nan, math.nan
-        return {**self.summary(), "test/loss": test_loss, "test/acc": test_acc,
-                "time/total_s": time.perf_counter() - start}
+        return {
+            **self.summary(),
+            "test/loss": test_loss,
+            "test/acc": test_acc,
+            "time/total_s": time.perf_counter() - start,
+        }
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: RunConfig, dataset: Dataset, metrics: dict[str, Any],
-                    epoch: int, train_b: Batches, resume: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    config: RunConfig,
+    dataset: Dataset,
+    metrics: dict[str, Any],
+    epoch: int,
+    train_b: Batches,
+    resume: dict[str, Any] | None = None,
+) -> None:
     """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only);
     `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "config": config.to_dict(), "metrics": metrics,
-               "dataset": dataset.name, "classes": list(dataset.classes), "epoch": epoch,
-               "mean": train_b.mean.cpu(), "std": train_b.std.cpu(), "format": 1}
+    payload = {
+        "model": model.state_dict(),
+        "config": config.to_dict(),
+        "metrics": metrics,
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "epoch": epoch,
+        "mean": train_b.mean.cpu(),
+        "std": train_b.std.cpu(),
+        "format": 1,
+    }
     if resume is not None:
         payload["resume"] = resume
     tmp = path.with_suffix(".tmp")
@@ -347,7 +414,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a best.pt or last.pt") from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a lenet checkpoint") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a lenet checkpoint"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"{path} is not a lenet checkpoint (no model weights and config in it)")
     return payload
@@ -362,8 +431,20 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
     dataset = load_dataset(config)
     model = build_model(config, len(payload["classes"])).to(device, memory_format=memory_format(config))
     model.load_state_dict(payload["model"])
-    test = Batches(dataset.test_x.to(device).contiguous(), dataset.test_y.to(device), payload["mean"].to(device),
-                   payload["std"].to(device), EVAL_BATCH, memory_format=memory_format(config))
+    test = Batches(
+        dataset.test_x.to(device).contiguous(),
+        dataset.test_y.to(device),
+        payload["mean"].to(device),
+        payload["std"].to(device),
+        EVAL_BATCH,
+        memory_format=memory_format(config),
+    )
     loss, acc = evaluate(model, test, autocast_dtype(config.precision, device))
-    return {"test/loss": loss, "test/acc": acc, "dataset": dataset.name, "images": len(dataset.test_y),
-            "checkpoint_epoch": payload["epoch"], "trained_on": payload["dataset"]}
+    return {
+        "test/loss": loss,
+        "test/acc": acc,
+        "dataset": dataset.name,
+        "images": len(dataset.test_y),
+        "checkpoint_epoch": payload["epoch"],
+        "trained_on": payload["dataset"],
+    }

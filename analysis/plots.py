@@ -1,4 +1,4 @@
-"""PNG plots: learning curves with a band over seeds, effect charts with 95% CIs, and the classic-to-modern waterfall."""
+"""PNG plots: learning curves with a band over seeds, effect charts with 95% CIs, the classic-to-modern waterfall."""
 
 from __future__ import annotations
 
@@ -35,8 +35,14 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
             continue
         for ax, metric in zip(axes, ("val/acc", "val/loss")):
             stats = hist.groupby("epoch")[metric].agg(["mean", "std"]).fillna(0.0)
-            line, = ax.plot(stats.index, stats["mean"], label=f"{level} (n={len(ids)})")
-            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(stats.index, stats["mean"], label=f"{level} (n={len(ids)})")
+            ax.fill_between(
+                stats.index,
+                stats["mean"] - stats["std"],
+                stats["mean"] + stats["std"],
+                color=line.get_color(),
+                alpha=0.2,
+            )
     for ax, label in zip(axes, ("validation accuracy (%)", "validation loss")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -45,8 +51,9 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
     pooled = [f for f in factors(config) if f != factor]
     over = "runs, pooled over " + ", ".join(pooled) if pooled else "seeds"
     band = "one run each" if factor == "seed" else f"mean ± 1 std over {over}"
-    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} ({band}; {_dataset(results)})",
-                 fontsize=10)
+    fig.suptitle(
+        f"{results.sweeps[sweep_id]['name']}: learning curves by {factor} ({band}; {_dataset(results)})", fontsize=10
+    )
     return _save(fig, path)
 
 
@@ -55,13 +62,26 @@ def effect_chart(results: Results, sweep_id: str, path: Path) -> Path:
     plt = _pyplot()
     table = effects(results, sweep_id)
     panels = list(table.groupby(["factor", "context"], sort=False))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)),
+        squeeze=False,
+        sharex=True,
+    )
     for ax, ((factor, context), group) in zip(axes[:, 0], panels):
         y = range(len(group))
         for offset, (metric, colour) in enumerate((("val_acc", "tab:blue"), ("test_acc", "tab:orange"))):
             ci = [0 if math.isnan(h) else h for h in group[f"{metric}_ci"]]
-            ax.errorbar(group[metric], [i + 0.15 * (offset * 2 - 1) for i in y], xerr=ci, fmt="o", color=colour,
-                        capsize=3, label=metric.replace("_", " ").replace("acc", "accuracy"))
+            ax.errorbar(
+                group[metric],
+                [i + 0.15 * (offset * 2 - 1) for i in y],
+                xerr=ci,
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=metric.replace("_", " ").replace("acc", "accuracy"),
+            )
         ax.set_yticks(list(y), [str(level) for level in group["level"]])
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
@@ -104,13 +124,22 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
     for run in runs.itertuples():
         hist = results.history[results.history["run_id"] == run.run_id].reindex(columns=["epoch", "val/acc"])
         done = run.state in ("finished", "stopped_early")
-        left.plot(hist["epoch"], hist["val/acc"], color="tab:blue" if done else "tab:gray",
-                  linewidth=1.6 if done else 0.7, alpha=0.9 if done else 0.6)
+        left.plot(
+            hist["epoch"],
+            hist["val/acc"],
+            color="tab:blue" if done else "tab:gray",
+            linewidth=1.6 if done else 0.7,
+            alpha=0.9 if done else 0.6,
+        )
     best = runs["best/val_acc"]
     colours = ["tab:blue" if s in ("finished", "stopped_early") else "tab:gray" for s in runs["state"]]
     right.scatter(runs.index, best, c=colours, s=18)
     right.step(runs.index, best.cummax(), where="post", color="tab:orange", label="best so far")
-    left.set(xlabel="epoch", ylabel="validation accuracy (%)", title="runs (blue: trained to the end or early-stopped; grey: stopped by hyperband, failed)")
+    left.set(
+        xlabel="epoch",
+        ylabel="validation accuracy (%)",
+        title="runs (blue: trained to the end or early-stopped; grey: stopped by hyperband, failed)",
+    )
     right.set(xlabel="run, in the order proposed", ylabel="best validation accuracy (%)", title="search progress")
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -18,8 +18,19 @@ from ablation.errors import ConfigError, LenetError
 BUNDLE_FORMAT = "lenet-results/1"
 COUNTED = ("finished", "stopped_early")
 # Summary metrics the tables read; a sweep whose runs have none yet still gets these columns (as NaN).
-METRICS = ("best/val_acc", "best/val_loss", "best/train_acc", "best/train_loss", "test/acc", "test/loss",
-           "gap/train_val_acc", "epochs_to/val_acc_50", "epochs_to/val_acc_60", "epochs_to/val_acc_70", "dataset")  # states whose metrics enter means; the rest are counted and shown
+METRICS = (
+    "best/val_acc",
+    "best/val_loss",
+    "best/train_acc",
+    "best/train_loss",
+    "test/acc",
+    "test/loss",
+    "gap/train_val_acc",
+    "epochs_to/val_acc_50",
+    "epochs_to/val_acc_60",
+    "epochs_to/val_acc_70",
+    "dataset",
+)  # states whose metrics enter means; the rest are counted and shown
 
 
 class ResultsError(LenetError):
@@ -37,7 +48,9 @@ class Results:
     def for_sweep(self, sweep_id: str) -> Results:
         """Only one sweep's runs."""
         runs = self.runs[self.runs["sweep_id"] == sweep_id]
-        return Results(runs, self.history[self.history["run_id"].isin(runs["run_id"])], {sweep_id: self.sweeps[sweep_id]})
+        return Results(
+            runs, self.history[self.history["run_id"].isin(runs["run_id"])], {sweep_id: self.sweeps[sweep_id]}
+        )
 
 
 def full_config(params: dict[str, Any]) -> dict[str, Any]:
@@ -53,13 +66,22 @@ def _clean(value: Any) -> Any:
 
 
 def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]]) -> Results:
-    """Build Results from bundle-shaped run records (id, sweep_id, state, error, attempts, params, config, summary, history)."""
+    """Results from bundle-shaped run records (id, sweep_id, state, error, attempts, config, summary, history)."""
     rows, history = [], []
     for r in records:
         # The summary's own state/params/seed-like keys would shadow the run's columns.
         summary = {k: v for k, v in (r.get("summary") or {}).items() if k != "state" and k not in r["config"]}
-        rows.append({"run_id": r["id"], "sweep_id": r["sweep_id"], "state": r["state"], "error": r.get("error"),
-                     "attempts": r.get("attempts", 1), **r["config"], **summary})
+        rows.append(
+            {
+                "run_id": r["id"],
+                "sweep_id": r["sweep_id"],
+                "state": r["state"],
+                "error": r.get("error"),
+                "attempts": r.get("attempts", 1),
+                **r["config"],
+                **summary,
+            }
+        )
         history += [{"run_id": r["id"], **h} for h in r.get("history", [])]
     runs = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "sweep_id", "state", *FIELD_TYPES])
     runs = runs.reindex(columns=[*runs.columns, *(m for m in METRICS if m not in runs.columns)])
@@ -70,15 +92,29 @@ def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]
 def from_store(store: Any, sweep_id: str) -> Results:
     """A local sweep's runs from the SQLite store."""
     sweep = store.sweep(sweep_id)
-    records = [{"id": r["id"], "sweep_id": sweep_id, "state": r["state"], "error": r["error"], "attempts": r["attempts"],
-                "params": r["params"], "config": full_config(r["params"]), "summary": r["summary"],
-                "history": store.history(r["id"])} for r in store.runs(sweep_id)]
+    records = [
+        {
+            "id": r["id"],
+            "sweep_id": sweep_id,
+            "state": r["state"],
+            "error": r["error"],
+            "attempts": r["attempts"],
+            "params": r["params"],
+            "config": full_config(r["params"]),
+            "summary": r["summary"],
+            "history": store.history(r["id"]),
+        }
+        for r in store.runs(sweep_id)
+    ]
     return from_records(records, {sweep_id: _sweep_meta(sweep)})
 
 
 def _sweep_meta(sweep: dict[str, Any]) -> dict[str, Any]:
-    return {"name": sweep.get("name") or sweep["config"].get("name") or sweep["id"], "backend": sweep["backend"],
-            "config": sweep["config"]}
+    return {
+        "name": sweep.get("name") or sweep["config"].get("name") or sweep["id"],
+        "backend": sweep["backend"],
+        "config": sweep["config"],
+    }
 
 
 def from_wandb(path: str) -> Results:
@@ -88,35 +124,63 @@ def from_wandb(path: str) -> Results:
     try:
         sweep = wandb.Api().sweep(path)
     except Exception as exc:
-        raise ResultsError(f"cannot read W&B sweep {path} ({type(exc).__name__}); check the path and `wandb login`") from None
+        raise ResultsError(
+            f"cannot read W&B sweep {path} ({type(exc).__name__}); check the path and `wandb login`"
+        ) from None
     records = []
     for run in sweep.runs:
         config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
-        records.append({"id": run.id, "sweep_id": sweep.id, "state": run.summary.get("state", run.state),
-                        "params": config, "config": full_config(config), "summary": dict(run.summary._json_dict),
-                        "history": [dict(h) for h in run.scan_history()]})
+        records.append(
+            {
+                "id": run.id,
+                "sweep_id": sweep.id,
+                "state": run.summary.get("state", run.state),
+                "params": config,
+                "config": full_config(config),
+                "summary": dict(run.summary._json_dict),
+                "history": [dict(h) for h in run.scan_history()],
+            }
+        )
     meta = {"name": sweep.config.get("name") or sweep.id, "backend": "wandb", "config": dict(sweep.config)}
     return from_records(records, {sweep.id: meta})
 
 
 def to_bundle(results: Results) -> dict[str, Any]:
     """A self-contained, JSON-ready results bundle (configs, summaries, histories, dataset names, versions)."""
-    import torch
-
     from importlib.metadata import version
+
+    import torch
 
     records = []
     for run in results.runs.to_dict("records"):
         config = {k: run[k] for k in FIELD_TYPES if k in run}
-        summary = {k: _clean(v) for k, v in run.items() if k not in config and k not in ("run_id", "sweep_id", "state", "error", "attempts")}
+        summary = {
+            k: _clean(v)
+            for k, v in run.items()
+            if k not in config and k not in ("run_id", "sweep_id", "state", "error", "attempts")
+        }
         hist = results.history[results.history["run_id"] == run["run_id"]].drop(columns=["run_id"])
-        records.append({"id": run["run_id"], "sweep_id": run["sweep_id"], "state": run["state"], "error": _clean(run.get("error")),
-                        "attempts": _clean(run.get("attempts")), "config": config, "summary": summary,
-                        "history": [{k: _clean(v) for k, v in h.items() if not _missing(v)} for h in hist.to_dict("records")]})
+        records.append(
+            {
+                "id": run["run_id"],
+                "sweep_id": run["sweep_id"],
+                "state": run["state"],
+                "error": _clean(run.get("error")),
+                "attempts": _clean(run.get("attempts")),
+                "config": config,
+                "summary": summary,
+                "history": [{k: _clean(v) for k, v in h.items() if not _missing(v)} for h in hist.to_dict("records")],
+            }
+        )
     datasets = sorted({str(d) for d in results.runs.get("dataset", pd.Series(dtype=str)).dropna()})
-    return {"format": BUNDLE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "datasets": datasets,
-            "versions": {"lenet": version("lenet"), "torch": str(torch.__version__), "python": platform.python_version()},
-            "sweeps": results.sweeps, "runs": records}
+    return {
+        "format": BUNDLE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "datasets": datasets,
+        "versions": {"lenet": version("lenet"), "torch": str(torch.__version__), "python": platform.python_version()},
+        "sweeps": results.sweeps,
+        "runs": records,
+    }
 
 
 def _missing(value: Any) -> bool:
@@ -140,11 +204,15 @@ def read_bundle(path: Path) -> Results:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ResultsError(f"bundle {path} does not exist; give a sweep id or a file from `lenet sweep export`") from None
+        raise ResultsError(
+            f"bundle {path} does not exist; give a sweep id or a file from `lenet sweep export`"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResultsError(f"bundle {path} is not valid JSON ({exc}); export it again") from None
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
-        raise ResultsError(f"{path} is not a lenet results bundle (format {BUNDLE_FORMAT}); export it with `lenet sweep export`")
+        raise ResultsError(
+            f"{path} is not a lenet results bundle (format {BUNDLE_FORMAT}); export it with `lenet sweep export`"
+        )
     return from_records(data["runs"], data["sweeps"])
 
 

@@ -48,8 +48,9 @@ def factors(sweep_config: dict[str, Any]) -> list[str]:
     (continuous search ranges are not levels; a search is summarised by its best configurations)."""
     if sweep_config.get("method") != "grid":
         return []  # random/bayes draws confound every factor with the others; see best_configs instead
-    return [name for name, spec in sweep_config["parameters"].items()
-            if name != "seed" and len(spec.get("values", [])) > 1]
+    return [
+        name for name, spec in sweep_config["parameters"].items() if name != "seed" and len(spec.get("values", [])) > 1
+    ]
 
 
 def _group_keys(sweep_config: dict[str, Any]) -> list[str]:
@@ -80,17 +81,23 @@ def fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
 
 def describe_regularisation(row: pd.Series) -> str:
     """The regularisers a config uses, in words."""
-    parts = [("BN" if row.get("norm") == "batch" else ""), (f"aug {row['augment']}" if row.get("augment") not in (None, "none") else ""),
-             (f"wd {row['weight_decay']:g}" if row.get("weight_decay") else ""), (f"L1 {row['l1']:g}" if row.get("l1") else ""),
-             (f"dropout {row['dropout']:g}" if row.get("dropout") else ""), (f"LS {row['label_smoothing']:g}" if row.get("label_smoothing") else ""),
-             (f"early stop {int(row['early_stopping'])}" if row.get("early_stopping") else "")]
+    parts = [
+        ("BN" if row.get("norm") == "batch" else ""),
+        (f"aug {row['augment']}" if row.get("augment") not in (None, "none") else ""),
+        (f"wd {row['weight_decay']:g}" if row.get("weight_decay") else ""),
+        (f"L1 {row['l1']:g}" if row.get("l1") else ""),
+        (f"dropout {row['dropout']:g}" if row.get("dropout") else ""),
+        (f"LS {row['label_smoothing']:g}" if row.get("label_smoothing") else ""),
+        (f"early stop {int(row['early_stopping'])}" if row.get("early_stopping") else ""),
+    ]
     return ", ".join(p for p in parts if p) or "none"
 
 
 def describe_optimisation(row: pd.Series) -> str:
     """Optimiser, peak lr, schedule and batch size, in words."""
     momentum = f" {row['momentum']:g}" if row.get("optimizer") in ("momentum", "nesterov") else ""
-    return f"{row.get('optimizer')}{momentum}, lr {row.get('lr'):g}, {row.get('schedule')}, batch {int(row.get('batch_size'))}"
+    batch = int(row.get("batch_size"))
+    return f"{row.get('optimizer')}{momentum}, lr {row.get('lr'):g}, {row.get('schedule')}, batch {batch}"
 
 
 def variant_name(keys: list[str], values: tuple[Any, ...]) -> str:
@@ -106,16 +113,30 @@ def seed_table(results: Results, sweep_id: str) -> pd.DataFrame:
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     keys = _group_keys(config)
     rows = []
-    for values, group in (runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]):
+    for values, group in runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]:
         values = values if isinstance(values, tuple) else (values,)
         ok, first = counted(group), group.iloc[0]
-        cell = lambda col: fmt(*mean_ci(ok[col])[:3]) if col in ok else "–"
-        rows.append({"Model/variant": variant_name(keys, values), "Activation": first["activation"], "Pooling": first["pooling"],
-                     "Regularisation": describe_regularisation(first), "Initialisation": first["init"],
-                     "Optimisation": describe_optimisation(first), "# Epochs": int(first["epochs"]),
-                     "Loss": cell("best/train_loss"), "Accuracy": cell("best/train_acc"), "Val Loss": cell("best/val_loss"),
-                     "Val Accuracy": cell("best/val_acc"), "Test Accuracy": cell("test/acc"),
-                     "Not counted": _not_counted(group)})
+
+        def cell(col: str, ok: pd.DataFrame = ok) -> str:
+            return fmt(*mean_ci(ok[col])[:3]) if col in ok else "–"
+
+        rows.append(
+            {
+                "Model/variant": variant_name(keys, values),
+                "Activation": first["activation"],
+                "Pooling": first["pooling"],
+                "Regularisation": describe_regularisation(first),
+                "Initialisation": first["init"],
+                "Optimisation": describe_optimisation(first),
+                "# Epochs": int(first["epochs"]),
+                "Loss": cell("best/train_loss"),
+                "Accuracy": cell("best/train_acc"),
+                "Val Loss": cell("best/val_loss"),
+                "Val Accuracy": cell("best/val_acc"),
+                "Test Accuracy": cell("test/acc"),
+                "Not counted": _not_counted(group),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -143,20 +164,39 @@ def effects(results: Results, sweep_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _effect_row(factor: str, level: Any, baseline: Any, others: list[str], context: tuple, block: pd.DataFrame,
-                base: pd.DataFrame) -> dict[str, Any]:
+def _effect_row(
+    factor: str, level: Any, baseline: Any, others: list[str], context: tuple, block: pd.DataFrame, base: pd.DataFrame
+) -> dict[str, Any]:
     group = block[block[factor] == level]
     ok = counted(group)
     val, test = mean_ci(ok["best/val_acc"]), mean_ci(ok["test/acc"])
     d_val, d_val_ci = diff_ci(ok["best/val_acc"], base["best/val_acc"])
     d_test, d_test_ci = diff_ci(ok["test/acc"], base["test/acc"])
-    reached = ok[f"epochs_to/val_acc_{CONVERGENCE}"].dropna() if f"epochs_to/val_acc_{CONVERGENCE}" in ok else pd.Series(dtype=float)
+    reached = (
+        ok[f"epochs_to/val_acc_{CONVERGENCE}"].dropna()
+        if f"epochs_to/val_acc_{CONVERGENCE}" in ok
+        else pd.Series(dtype=float)
+    )
     verdict = "baseline" if level == baseline else _verdict(d_val, d_val_ci)
-    return {"factor": factor, "context": variant_name(others, context) if others else "", "level": level, "n": val[2],
-            "not counted": _not_counted(group), "val_acc": val[0], "val_acc_ci": val[3], "test_acc": test[0], "test_acc_ci": test[3],
-            "diff_val_acc": d_val, "diff_val_acc_ci": d_val_ci, "diff_test_acc": d_test, "diff_test_acc_ci": d_test_ci,
-            "verdict": verdict, f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
-            f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}", "gap": mean_ci(ok["gap/train_val_acc"])[0]}
+    return {
+        "factor": factor,
+        "context": variant_name(others, context) if others else "",
+        "level": level,
+        "n": val[2],
+        "not counted": _not_counted(group),
+        "val_acc": val[0],
+        "val_acc_ci": val[3],
+        "test_acc": test[0],
+        "test_acc_ci": test[3],
+        "diff_val_acc": d_val,
+        "diff_val_acc_ci": d_val_ci,
+        "diff_test_acc": d_test,
+        "diff_test_acc_ci": d_test_ci,
+        "verdict": verdict,
+        f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
+        f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}",
+        "gap": mean_ci(ok["gap/train_val_acc"])[0],
+    }
 
 
 def _verdict(diff: float, half_width: float) -> str:
@@ -175,14 +215,23 @@ def step_gains(results: Results, sweep_id: str) -> pd.DataFrame:
     factor = factors(config)[0]
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     order = [v for v in levels(config, factor, runs) if (runs[factor] == v).any()]
-    signed = lambda m, h: f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else "")
+
+    def signed(m: float, h: float) -> str:
+        return f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else "")
+
     rows = []
     for before, after in zip(order, order[1:]):
         a, b = runs[runs[factor] == after], runs[runs[factor] == before]
         d_val, h_val = diff_ci(a["best/val_acc"], b["best/val_acc"])
         d_test, h_test = diff_ci(a["test/acc"], b["test/acc"])
-        rows.append({"step": f"{before} → {after}", "Δ val acc (95% CI)": signed(d_val, h_val),
-                     "Δ test acc (95% CI)": signed(d_test, h_test), "verdict (val)": _verdict(d_val, h_val)})
+        rows.append(
+            {
+                "step": f"{before} → {after}",
+                "Δ val acc (95% CI)": signed(d_val, h_val),
+                "Δ test acc (95% CI)": signed(d_test, h_test),
+                "verdict (val)": _verdict(d_val, h_val),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -205,9 +254,16 @@ def search_table(results: Results, sweep_id: str) -> pd.DataFrame:
     config = results.sweeps[sweep_id]["config"]
     searched = [k for k, spec in config["parameters"].items() if "value" not in spec and k != "seed"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id].sort_values("best/val_acc", ascending=False)
-    table = pd.DataFrame({"run": runs["run_id"], "state": runs["state"], "epochs run": runs["epochs_run"],
-                          "best val acc %": runs["best/val_acc"], "test acc %": runs["test/acc"],
-                          **{k: runs[k] for k in searched}})
+    table = pd.DataFrame(
+        {
+            "run": runs["run_id"],
+            "state": runs["state"],
+            "epochs run": runs["epochs_run"],
+            "best val acc %": runs["best/val_acc"],
+            "test acc %": runs["test/acc"],
+            **{k: runs[k] for k in searched},
+        }
+    )
     return table.map(_show)
 
 
@@ -224,7 +280,9 @@ def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
     The result also holds `metric_column` and `chosen` (how it was chosen, in words)."""
     config = results.sweeps[sweep_id]["config"]
     metric = config.get("metric") or {"name": "val/acc", "goal": "maximize"}
-    column = metric["name"] if metric["name"].startswith(("best/", "test/")) else "best/" + metric["name"].replace("/", "_")
+    column = (
+        metric["name"] if metric["name"].startswith(("best/", "test/")) else "best/" + metric["name"].replace("/", "_")
+    )
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     runs = runs.dropna(subset=[column]) if column in runs else runs.iloc[0:0]
     if runs.empty:
@@ -234,23 +292,35 @@ def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
     best = score.idxmax() if metric.get("goal", "maximize") == "maximize" else score.idxmin()
     group = runs[(runs[keys] == runs.loc[best, keys]).all(axis=1)]
     row = runs.loc[best].to_dict()
-    chosen = (f"run {row['run_id']}: {column} {row[column]:.2f} after {row['epochs_run']:.0f} epochs"
-              if keys == ["run_id"] else
-              f"{variant_name(keys, tuple(row[k] for k in keys))}: mean {column} {score[best]:.2f} over {len(group)} runs")
+    chosen = (
+        f"run {row['run_id']}: {column} {row[column]:.2f} after {row['epochs_run']:.0f} epochs"
+        if keys == ["run_id"]
+        else f"{variant_name(keys, tuple(row[k] for k in keys))}: mean {column} {score[best]:.2f} "
+        f"over {len(group)} runs"
+    )
     return {**row, "metric_column": column, "chosen": chosen}
 
 
 def format_effects(table: pd.DataFrame) -> pd.DataFrame:
     """Effects as display strings: `mean ± CI` and `+diff ± CI`."""
-    out = pd.DataFrame({"factor": table["factor"], "context": table["context"], "level": table["level"], "n": table["n"]})
-    pm = lambda m, h: "–" if math.isnan(m) else (f"{m:.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
-    signed = lambda m, h: "–" if math.isnan(m) else (f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+    out = pd.DataFrame(
+        {"factor": table["factor"], "context": table["context"], "level": table["level"], "n": table["n"]}
+    )
+
+    def pm(m: float, h: float) -> str:
+        return "–" if math.isnan(m) else (f"{m:.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+
+    def signed(m: float, h: float) -> str:
+        return "–" if math.isnan(m) else (f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+
     out["val acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["val_acc"], table["val_acc_ci"])]
     out["test acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["test_acc"], table["test_acc_ci"])]
     out["Δ val vs baseline"] = [signed(m, h) for m, h in zip(table["diff_val_acc"], table["diff_val_acc_ci"])]
     out["Δ test vs baseline"] = [signed(m, h) for m, h in zip(table["diff_test_acc"], table["diff_test_acc_ci"])]
     out["verdict (val)"] = table["verdict"]
-    out[f"epochs to {CONVERGENCE}% val"] = [f"{e:.1f}" if not math.isnan(e) else "–" for e in table[f"epochs_to_{CONVERGENCE}"]]
+    out[f"epochs to {CONVERGENCE}% val"] = [
+        f"{e:.1f}" if not math.isnan(e) else "–" for e in table[f"epochs_to_{CONVERGENCE}"]
+    ]
     out[f"reached {CONVERGENCE}%"] = table[f"reached_{CONVERGENCE}"]
     out["gap (train−val)"] = [f"{g:.2f}" if not math.isnan(g) else "–" for g in table["gap"]]
     out["not counted"] = table["not counted"]

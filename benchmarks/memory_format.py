@@ -27,8 +27,13 @@ def setup(values: dict, layout: torch.memory_format) -> tuple[Trainer, torch.Ten
     torch.manual_seed(0)
     model = build_model(config).to(memory_format=layout)
     images = torch.zeros(config.batch_size * 4, 3, 32, 32, dtype=torch.uint8)
-    batches = Batches(images, torch.zeros(len(images), dtype=torch.long), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1),
-                      config.batch_size)
+    batches = Batches(
+        images,
+        torch.zeros(len(images), dtype=torch.long),
+        torch.zeros(1, 3, 1, 1),
+        torch.ones(1, 3, 1, 1),
+        config.batch_size,
+    )
     x = torch.randn(config.batch_size, 3, 32, 32).contiguous(memory_format=layout)
     return Trainer(config, model, batches, None, NullLogger()), x, torch.randint(0, 10, (config.batch_size,))
 

@@ -28,8 +28,15 @@ from ablation.train import Trainer, cpu_threads, make_optimizer, memory_format, 
 
 CASES = {
     "relu, max pool, no BN, crop+flip, SGD momentum, batch 512": {
-        "activation": "relu", "pooling": "max", "norm": "none", "augment": "crop_flip",
-        "optimizer": "momentum", "batch_size": 512, "label_smoothing": 0.0, "dropout": 0.0},
+        "activation": "relu",
+        "pooling": "max",
+        "norm": "none",
+        "augment": "crop_flip",
+        "optimizer": "momentum",
+        "batch_size": 512,
+        "label_smoothing": 0.0,
+        "dropout": 0.0,
+    },
     "modern preset": {"preset": "modern"},
 }
 
@@ -57,10 +64,21 @@ def bench_conventional(config: RunConfig, workers: int, batches: int) -> float:
     dataset = load_dataset(config)
     mean, std = channel_stats(split_train_val(dataset, config.val_size, config.split_seed)[0])
     steps = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
-    pipeline = transforms.Compose([*steps, transforms.ToTensor(),
-                                   transforms.Normalize((mean / 255).flatten().tolist(), (std / 255).flatten().tolist())])
-    loader = DataLoader(datasets.ImageFolder(str(root / "train"), transform=pipeline), batch_size=config.batch_size,
-                        shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    pipeline = transforms.Compose(
+        [
+            *steps,
+            transforms.ToTensor(),
+            transforms.Normalize((mean / 255).flatten().tolist(), (std / 255).flatten().tolist()),
+        ]
+    )
+    loader = DataLoader(
+        datasets.ImageFolder(str(root / "train"), transform=pipeline),
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     model = build_model(config)
     optimizer = make_optimizer(model, config)
     model.train()
@@ -80,9 +98,16 @@ def bench_conventional(config: RunConfig, workers: int, batches: int) -> float:
 
 def machine() -> str:
     """CPU model, usable cores, torch version."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__}, Python {platform.python_version()}"
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    cores = len(os.sched_getaffinity(0))
+    return f"{cpu}, {cores} usable cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -100,15 +125,26 @@ def main() -> None:
         ours, load_s = bench_lenet(config, args.epochs)
         theirs = {w: bench_conventional(config, int(w), args.batches) for w in args.workers.split(",")}
         best = max(theirs, key=theirs.get)
-        rows.append(f"| {name} | {ours:,.0f} | {theirs[best]:,.0f} (workers={best}) | {ours / theirs[best]:.1f}x | {load_s:.2f} |")
+        rows.append(
+            f"| {name} | {ours:,.0f} | {theirs[best]:,.0f} (workers={best}) | {ours / theirs[best]:.1f}x "
+            f"| {load_s:.2f} |"
+        )
         print(rows[-1], {k: round(v) for k, v in theirs.items()}, flush=True)
-    table = "\n".join(["| case | lenet img/s | torchvision DataLoader img/s | ratio | lenet data load s |",
-                       "|---|---|---|---|---|", *rows])
+    table = "\n".join(
+        [
+            "| case | lenet img/s | torchvision DataLoader img/s | ratio | lenet data load s |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     text = f"Machine: {machine()}\n\n{table}\n"
     print(text)
     if args.out:
-        args.out.write_text(args.out.read_text().split("<!-- results -->")[0] + "<!-- results -->\n" + text
-                            if args.out.exists() else text)
+        args.out.write_text(
+            args.out.read_text().split("<!-- results -->")[0] + "<!-- results -->\n" + text
+            if args.out.exists()
+            else text
+        )
 
 
 if __name__ == "__main__":

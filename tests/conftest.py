@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -35,9 +35,16 @@ def write_batches(root: Path, seed: int = 0) -> Path:
     parts = np.array_split(np.random.default_rng(seed).permutation(len(train_y)), 5)
     files = {f"data_batch_{i + 1}": idx for i, idx in enumerate(parts)}
     test_x, test_y = make_images(TEST_PER_CLASS, seed + 1)
-    for name, (x, y) in {**{k: (train_x[v], train_y[v]) for k, v in files.items()}, "test_batch": (test_x, test_y)}.items():
-        entry = {b"batch_label": name.encode(), b"labels": [int(v) for v in y],
-                 b"data": x.reshape(len(x), -1), b"filenames": [f"{i}.png".encode() for i in range(len(y))]}
+    for name, (x, y) in {
+        **{k: (train_x[v], train_y[v]) for k, v in files.items()},
+        "test_batch": (test_x, test_y),
+    }.items():
+        entry = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in y],
+            b"data": x.reshape(len(x), -1),
+            b"filenames": [f"{i}.png".encode() for i in range(len(y))],
+        }
         with open(folder / name, "wb") as fh:
             pickle.dump(entry, fh, protocol=2)
     return folder

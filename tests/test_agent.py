@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_sweep import ROOT, write_smoke
 from typer.testing import CliRunner
 
 from ablation.agent import wandb_sweep_function
 from ablation.store import Store
 from cli import app
-from test_sweep import ROOT, write_smoke
 
 runner = CliRunner()
 
@@ -29,8 +29,12 @@ def create(path: Path) -> str:
 
 
 def spawn_agent(sweep_id: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "agent", sweep_id, "--wandb", "disabled", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "agent", sweep_id, "--wandb", "disabled", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_running(store: Store, sweep_id: str, min_epochs: int, timeout: float = 60) -> dict:
@@ -72,7 +76,7 @@ def test_local_runs_are_wandb_offline_runs(folder_dir: Path, tmp_path: Path) -> 
     result = lenet("agent", sweep_id, "--count", "2", "--wandb", "offline")
     assert result.exit_code == 0, result.output
     offline = sorted(p.name for p in (Path(os.environ["LENET_HOME"]) / "wandb").glob("offline-run-*"))
-    assert [name[-len(sweep_id) - 4:] for name in offline] == [f"{sweep_id}-000", f"{sweep_id}-001"]
+    assert [name[-len(sweep_id) - 4 :] for name in offline] == [f"{sweep_id}-000", f"{sweep_id}-001"]
     assert "2 finished" in lenet("sweep", "status", sweep_id).output
 
 
@@ -93,7 +97,7 @@ def test_one_agent_serves_several_sweeps_in_priority_order(folder_dir: Path, tmp
     first = create(write_smoke(tmp_path / "a", folder_dir, epochs=1))
     second = create(write_smoke(tmp_path / "b", folder_dir, epochs=1, lr=0.01))
     unknown = lenet("agent", first, "nosuchid", "--wandb", "disabled")
-    assert unknown.exit_code == 2 and "unknown sweep id 'nosuchid'" in unknown.output
+    assert unknown.exit_code == 1 and "unknown sweep id 'nosuchid'" in unknown.output
     result = lenet("agent", first, second, first, "--wandb", "disabled")  # a repeated id is served once
     assert result.exit_code == 0, result.output
     assert result.output.count(f"sweep {first}: 4 finished") == 1 and f"sweep {second}: 4 finished" in result.output
@@ -110,7 +114,9 @@ def test_confirm_retrains_the_best_variant_over_seeds(folder_dir: Path, tmp_path
     best = max({r["params"]["activation"] for r in runs}, key=mean)  # grid: the best mean over seeds wins
     out = tmp_path / "new" / "confirm.yaml"
     result = lenet("sweep", "confirm", sweep_id, out, "--epochs", "3", "--seeds", "2")
-    assert result.exit_code == 0 and f"activation={best}: mean best/val_acc {mean(best):.2f} over 2 runs" in result.output, result.output
+    assert (
+        result.exit_code == 0 and f"activation={best}: mean best/val_acc {mean(best):.2f} over 2 runs" in result.output
+    ), result.output
     assert out.read_text().startswith(f"# Question: does the best of sweep smoke (activation={best}")
     confirm_id = create(out)
     assert lenet("agent", confirm_id, "--wandb", "disabled").exit_code == 0
@@ -130,7 +136,7 @@ def test_confirm_retrains_the_best_variant_over_seeds(folder_dir: Path, tmp_path
 def test_confirm_needs_finished_runs(folder_dir: Path, tmp_path: Path) -> None:
     sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
     result = lenet("sweep", "confirm", sweep_id, tmp_path / "c.yaml", "--epochs", "3")
-    assert result.exit_code == 2 and "no finished run" in result.output and not (tmp_path / "c.yaml").exists()
+    assert result.exit_code == 1 and "no finished run" in result.output and not (tmp_path / "c.yaml").exists()
 
 
 def test_failed_runs_are_recorded_and_retried(folder_dir: Path, tmp_path: Path) -> None:
@@ -155,8 +161,14 @@ def test_sweep_stop(folder_dir: Path, tmp_path: Path) -> None:
 BAD_SWEEPS = {
     "malformed YAML": ("method: grid\nparameters: {lr: [0.1\n", "not valid YAML"),
     "unknown method": ("method: hill\nparameters: {lr: {values: [0.1]}}\n", "method 'hill' is not supported"),
-    "unknown parameter": ("method: grid\nparameters: {activaton: {values: [relu]}}\n", "unknown parameter 'activaton' (did you mean 'activation'?)"),
-    "invalid value": ("method: grid\nparameters: {optimizer: {values: [sgd, lion]}}\n", "optimizer='lion' is not valid"),
+    "unknown parameter": (
+        "method: grid\nparameters: {activaton: {values: [relu]}}\n",
+        "unknown parameter 'activaton' (did you mean 'activation'?)",
+    ),
+    "invalid value": (
+        "method: grid\nparameters: {optimizer: {values: [sgd, lion]}}\n",
+        "optimizer='lion' is not valid",
+    ),
     "empty grid": ("method: grid\nparameters: {lr: {values: []}}\n", "empty values list"),
 }
 
@@ -166,34 +178,42 @@ def test_bad_sweep_files_create_nothing(case: str, tmp_path: Path) -> None:
     text, message = BAD_SWEEPS[case]
     (tmp_path / "bad.yaml").write_text(text)
     result = lenet("sweep", "create", tmp_path / "bad.yaml", "--backend", "local")
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert Store().sweeps() == []
 
 
 def test_unknown_sweep_id_and_corrupt_store(tmp_path: Path) -> None:
     result = lenet("agent", "nosuchid")
-    assert result.exit_code == 2 and "unknown sweep id 'nosuchid'" in result.output
-    assert lenet("sweep", "status", "nosuchid").exit_code == 2
+    assert result.exit_code == 1 and "unknown sweep id 'nosuchid'" in result.output
+    assert lenet("sweep", "status", "nosuchid").exit_code == 1
     db = Path(os.environ["LENET_HOME"]) / "lenet.db"
     for sidecar in db.parent.glob("lenet.db-*"):  # WAL files: a copied or damaged store often lacks them
         sidecar.unlink()
     db.write_bytes(b"garbage" * 1000)
     result = lenet("sweep", "ls")
-    assert result.exit_code == 2 and "corrupt or not a lenet store" in result.output
+    assert result.exit_code == 1 and "corrupt or not a lenet store" in result.output
 
 
 def test_wandb_backend_without_login_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     result = lenet("sweep", "create", ROOT / "sweeps" / "smoke.yaml", "--backend", "wandb")
-    assert result.exit_code == 2 and "W&B could not create the sweep" in result.output
+    assert result.exit_code == 1 and "W&B could not create the sweep" in result.output
     assert Store().sweeps() == []
 
 
 def test_wandb_agent_training_function_offline(folder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    summary = wandb_sweep_function({"data_dir": str(folder_dir), "val_size": 20, "batch_size": 32, "epochs": 1,
-                                    "activation": "tanh", "device": "cpu"})
+    summary = wandb_sweep_function(
+        {
+            "data_dir": str(folder_dir),
+            "val_size": 20,
+            "batch_size": 32,
+            "epochs": 1,
+            "activation": "tanh",
+            "device": "cpu",
+        }
+    )
     assert summary["state"] == "finished" and summary["dataset"] == "tiny-png"
     (run_dir,) = (Path(os.environ["WANDB_DIR"]) / "wandb").glob("offline-run-*")
     (log,) = run_dir.glob("run-*.wandb")  # protobuf records: config keys and JSON values appear as text

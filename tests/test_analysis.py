@@ -5,18 +5,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_sweep import write_smoke
 from typer.testing import CliRunner
 
 from analysis.report import wandb_report, write_report
 from analysis.results import from_records, full_config, merge, read_bundle, write_bundle
 from analysis.tables import effects, seed_table
 from cli import app
-from test_sweep import write_smoke
 
 EFFECT = {"relu": 0.0, "gelu": 3.0, "tanh": -4.0}  # planted val/test accuracy differences vs relu (baseline)
-SWEEP = {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
-         "parameters": {"activation": {"values": list(EFFECT)}, "pooling": {"values": ["max", "avg"]},
-                        "seed": {"values": list(range(6))}}}
+SWEEP = {
+    "method": "grid",
+    "metric": {"name": "val/acc", "goal": "maximize"},
+    "parameters": {
+        "activation": {"values": list(EFFECT)},
+        "pooling": {"values": ["max", "avg"]},
+        "seed": {"values": list(range(6))},
+    },
+}
 
 
 def planted(noise: float = 0.5, seed: int = 0) -> list[dict]:
@@ -28,14 +34,37 @@ def planted(noise: float = 0.5, seed: int = 0) -> list[dict]:
             for s in range(6):
                 val = 60 + EFFECT[act] + rng.normal(0, noise)
                 history = [{"epoch": e, "val/acc": val * e / 5, "val/loss": 2.0 - e / 5} for e in range(1, 6)]
-                summary = {"best/val_acc": val, "test/acc": val - 1 + rng.normal(0, noise), "best/val_loss": 1.0,
-                           "best/train_acc": val + 2, "best/train_loss": 0.9, "gap/train_val_acc": 2.0,
-                           "epochs_to/val_acc_60": 5 if val >= 60 else None, "dataset": "cifar10-jpg", "state": "finished"}
-                records.append({"id": f"r-{act}-{pool}-{s}", "sweep_id": "syn", "state": "finished",
-                                "config": full_config({"activation": act, "pooling": pool, "seed": s}),
-                                "summary": summary, "history": history})
-    records.append({"id": "r-diverged", "sweep_id": "syn", "state": "diverged", "config": full_config({"activation": "tanh", "pooling": "max", "seed": 9}),
-                    "summary": {"best/val_acc": None, "test/acc": None}, "history": []})
+                summary = {
+                    "best/val_acc": val,
+                    "test/acc": val - 1 + rng.normal(0, noise),
+                    "best/val_loss": 1.0,
+                    "best/train_acc": val + 2,
+                    "best/train_loss": 0.9,
+                    "gap/train_val_acc": 2.0,
+                    "epochs_to/val_acc_60": 5 if val >= 60 else None,
+                    "dataset": "cifar10-jpg",
+                    "state": "finished",
+                }
+                records.append(
+                    {
+                        "id": f"r-{act}-{pool}-{s}",
+                        "sweep_id": "syn",
+                        "state": "finished",
+                        "config": full_config({"activation": act, "pooling": pool, "seed": s}),
+                        "summary": summary,
+                        "history": history,
+                    }
+                )
+    records.append(
+        {
+            "id": "r-diverged",
+            "sweep_id": "syn",
+            "state": "diverged",
+            "config": full_config({"activation": "tanh", "pooling": "max", "seed": 9}),
+            "summary": {"best/val_acc": None, "test/acc": None},
+            "history": [],
+        }
+    )
     return records
 
 
@@ -68,8 +97,15 @@ def test_failed_runs_are_counted_not_averaged(results) -> None:
     table = seed_table(results, "syn")
     row = table[table["Model/variant"] == "activation=tanh, pooling=max"].iloc[0]
     assert row["Not counted"] == "1 diverged" and "(n=6)" in row["Val Accuracy"]
-    assert list(table.columns[:7]) == ["Model/variant", "Activation", "Pooling", "Regularisation", "Initialisation",
-                                       "Optimisation", "# Epochs"]
+    assert list(table.columns[:7]) == [
+        "Model/variant",
+        "Activation",
+        "Pooling",
+        "Regularisation",
+        "Initialisation",
+        "Optimisation",
+        "# Epochs",
+    ]
     assert row["Regularisation"] == "BN, aug crop_flip, wd 0.0005, LS 0.1"
 
 
@@ -91,14 +127,21 @@ def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
     kinds = [type(block).__name__ for block in report.blocks]
     assert kinds[:2] == ["H1", "P"] and "PanelGrid" in kinds and kinds.count("MarkdownBlock") == 2
     grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
-    assert [type(p).__name__ for p in grid.panels] == ["LinePlot", "LinePlot", "ParallelCoordinatesPlot",
-                                                       "ParameterImportancePlot", "RunComparer"]
+    assert [type(p).__name__ for p in grid.panels] == [
+        "LinePlot",
+        "LinePlot",
+        "ParallelCoordinatesPlot",
+        "ParameterImportancePlot",
+        "RunComparer",
+    ]
     assert grid.panels[0].groupby == "config.activation" and grid.runsets[0].filters == "Group = 'syn'"
 
 
 def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    created = runner.invoke(app, ["sweep", "create", str(write_smoke(tmp_path, folder_dir, epochs=2)), "--backend", "local"])
+    created = runner.invoke(
+        app, ["sweep", "create", str(write_smoke(tmp_path, folder_dir, epochs=2)), "--backend", "local"]
+    )
     sweep_id = created.output.split("created sweep ")[1].split()[0]
     assert runner.invoke(app, ["agent", sweep_id, "--wandb", "disabled"]).exit_code == 0
     exported = runner.invoke(app, ["sweep", "export", sweep_id, str(tmp_path / "smoke.json")])
@@ -109,17 +152,29 @@ def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> Non
     assert "Question: does the whole pipeline" in text and "Dataset: tiny-png" in text and "| activation=tanh |" in text
     assert (tmp_path / "report" / "smoke-curves-activation.png").stat().st_size > 10_000
     missing = runner.invoke(app, ["report", str(tmp_path / "nope.json")])
-    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert missing.exit_code == 1 and "does not exist" in missing.output
 
 
 def test_step_gains_of_an_ordered_study() -> None:
     from analysis.tables import step_gains
 
-    sweep = {"method": "grid", "parameters": {"preset": {"values": ["classic", "path1_relu", "modern"]}, "seed": {"values": [0, 1, 2]}}}
+    sweep = {
+        "method": "grid",
+        "parameters": {"preset": {"values": ["classic", "path1_relu", "modern"]}, "seed": {"values": [0, 1, 2]}},
+    }
     gain = {"classic": 50.0, "path1_relu": 55.0, "modern": 55.0}
-    records = [{"id": f"{p}-{s}", "sweep_id": "p", "state": "finished", "config": full_config({"preset": p, "seed": s}),
-                "summary": {"best/val_acc": gain[p] + 0.1 * s, "test/acc": gain[p] + 0.1 * s}, "history": []}
-               for p in gain for s in range(3)]
+    records = [
+        {
+            "id": f"{p}-{s}",
+            "sweep_id": "p",
+            "state": "finished",
+            "config": full_config({"preset": p, "seed": s}),
+            "summary": {"best/val_acc": gain[p] + 0.1 * s, "test/acc": gain[p] + 0.1 * s},
+            "history": [],
+        }
+        for p in gain
+        for s in range(3)
+    ]
     table = step_gains(from_records(records, {"p": {"name": "p", "backend": "local", "config": sweep}}), "p")
     assert list(table["step"]) == ["classic → path1_relu", "path1_relu → modern"]
     assert list(table["verdict (val)"]) == ["better", "within noise"]
@@ -127,14 +182,26 @@ def test_step_gains_of_an_ordered_study() -> None:
 
 
 def test_search_report_ranks_every_run_including_stopped_ones(tmp_path: Path) -> None:
-    search = {"method": "bayes", "metric": {"name": "val/acc", "goal": "maximize"},
-              "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.4},
-                             "preset": {"value": "modern"}}}
+    search = {
+        "method": "bayes",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": {
+            "lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.4},
+            "preset": {"value": "modern"},
+        },
+    }
     records = []
     for i, (lr, val, state) in enumerate([(0.02, 61.0, "stopped"), (0.1, 70.5, "finished"), (0.3, 68.0, "finished")]):
-        records.append({"id": f"s-{i}", "sweep_id": "srch", "state": state, "config": full_config({"lr": lr}),
-                        "summary": {"best/val_acc": val, "test/acc": val - 1, "epochs_run": 3 if state == "stopped" else 9},
-                        "history": [{"epoch": e, "val/acc": val * e / 9} for e in range(1, 4 if state == "stopped" else 10)]})
+        records.append(
+            {
+                "id": f"s-{i}",
+                "sweep_id": "srch",
+                "state": state,
+                "config": full_config({"lr": lr}),
+                "summary": {"best/val_acc": val, "test/acc": val - 1, "epochs_run": 3 if state == "stopped" else 9},
+                "history": [{"epoch": e, "val/acc": val * e / 9} for e in range(1, 4 if state == "stopped" else 10)],
+            }
+        )
     results = from_records(records, {"srch": {"name": "search", "backend": "local", "config": search}})
     from analysis.tables import best_run, search_table
 
@@ -147,11 +214,22 @@ def test_search_report_ranks_every_run_including_stopped_ones(tmp_path: Path) ->
 
 
 def test_a_one_recipe_sweep_gets_curves_per_seed(tmp_path: Path) -> None:
-    sweep = {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
-             "parameters": {"preset": {"value": "modern"}, "seed": {"values": [0, 1]}}}
-    records = [{"id": f"l-{s}", "sweep_id": "long", "state": "finished", "config": full_config({"seed": s}),
-                "summary": {"best/val_acc": 70.0 + s, "test/acc": 69.0 + s, "dataset": "cifar10-jpg"},
-                "history": [{"epoch": e, "val/acc": 60.0 + e + s, "val/loss": 1.0 / e} for e in range(1, 4)]} for s in (0, 1)]
+    sweep = {
+        "method": "grid",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": {"preset": {"value": "modern"}, "seed": {"values": [0, 1]}},
+    }
+    records = [
+        {
+            "id": f"l-{s}",
+            "sweep_id": "long",
+            "state": "finished",
+            "config": full_config({"seed": s}),
+            "summary": {"best/val_acc": 70.0 + s, "test/acc": 69.0 + s, "dataset": "cifar10-jpg"},
+            "history": [{"epoch": e, "val/acc": 60.0 + e + s, "val/loss": 1.0 / e} for e in range(1, 4)],
+        }
+        for s in (0, 1)
+    ]
     results = from_records(records, {"long": {"name": "long", "backend": "local", "config": sweep}})
     report = write_report(results, tmp_path, ["long.json"], "lenet report long.json").read_text()
     assert "![learning curves by seed](long-curves-seed.png)" in report

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import TINY
 
 runner = CliRunner()
 TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
@@ -44,7 +44,9 @@ def test_test_on_another_data_dir(folder_dir: Path, batches_dir: Path, tmp_path:
 def test_config_file_and_preset(folder_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(f"preset: classic\ndata_dir: {folder_dir}\nval_size: 20\nepochs: 1\nlr: 0.5\n")
-    result = lenet("train", "--config", config, "lr=0.01", "batch_size=32", "--wandb", "disabled", "--out", tmp_path / "r")
+    result = lenet(
+        "train", "--config", config, "lr=0.01", "batch_size=32", "--wandb", "disabled", "--out", tmp_path / "r"
+    )
     assert result.exit_code == 0, result.output
     assert "preset=classic" in result.output
 
@@ -57,7 +59,9 @@ def test_offline_wandb_run_can_be_synced(folder_dir: Path, tmp_path: Path) -> No
     assert list(offline.glob("run-*.wandb")), "the offline run holds its log for `wandb sync`"
 
 
-def test_auto_wandb_without_login_goes_offline(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_wandb_without_login_goes_offline(
+    folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.output
@@ -71,14 +75,17 @@ def test_params_lists_every_setting() -> None:
         assert name in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["bogus=1"], "unknown run setting 'bogus'"),
-    (["activation=swish"], "activation='swish' is not valid; choose one of"),
-    (["lr=-1"], "lr=-1.0 is out of range"),
-    (["epochs=ten"], "epochs='ten' is not a valid int"),
-    (["lr"], "write settings as key=value"),
-    (["data=folder", "data_dir=/nonexistent/cifar"], "no image folder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bogus=1"], "unknown run setting 'bogus'"),
+        (["activation=swish"], "activation='swish' is not valid; choose one of"),
+        (["lr=-1"], "lr=-1.0 is out of range"),
+        (["epochs=ten"], "epochs='ten' is not a valid int"),
+        (["lr"], "write settings as key=value"),
+        (["data=folder", "data_dir=/nonexistent/cifar"], "no image folder"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
     result = lenet("train", *args, "--wandb", "disabled")
     assert result.exit_code != 0
@@ -90,24 +97,38 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
 def test_corrupt_batch_is_a_clear_error(batches_dir: Path) -> None:
     (batches_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02garbage")
     result = lenet("train", *TINY_ARGS, f"data_dir={batches_dir}", "--wandb", "disabled")
-    assert result.exit_code == 2 and "corrupt CIFAR-10 batch" in result.output and "data_batch_2" in result.output
+    assert result.exit_code == 1 and "corrupt CIFAR-10 batch" in result.output and "data_batch_2" in result.output
 
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
     result = lenet("test", tmp_path / "nope.pt")
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 1 and "does not exist" in result.output
 
 
 def test_diverged_run_exits_non_zero_with_metrics(batches_dir: Path, tmp_path: Path) -> None:
-    result = lenet("train", *TINY_ARGS, f"data_dir={batches_dir}", "preset=classic", "activation=relu", "lr=1e8",
-                   "batch_size=8", "epochs=3", "--wandb", "disabled", "--out", tmp_path / "r")
-    assert result.exit_code == 2
+    result = lenet(
+        "train",
+        *TINY_ARGS,
+        f"data_dir={batches_dir}",
+        "preset=classic",
+        "activation=relu",
+        "lr=1e8",
+        "batch_size=8",
+        "epochs=3",
+        "--wandb",
+        "disabled",
+        "--out",
+        tmp_path / "r",
+    )
+    assert result.exit_code == 1
     assert "diverged" in result.output and "lower lr" in result.output
     assert list((tmp_path / "r").glob("*/last.pt")), "a diverged run still leaves its last checkpoint"
 
 
-def test_online_wandb_without_login_is_a_clear_error(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_online_wandb_without_login_is_a_clear_error(
+    folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--wandb", "online")
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "could not start a W&B online run" in result.output and "wandb login" in result.output

@@ -15,7 +15,12 @@ def test_defaults_are_the_modern_preset() -> None:
 
 def test_classic_preset_then_overrides() -> None:
     config = RunConfig.from_dict({"preset": "classic", "lr": "0.5"})
-    assert (config.activation, config.pooling, config.optimizer, config.augment) == ("scaled_tanh", "avg", "sgd", "none")
+    assert (config.activation, config.pooling, config.optimizer, config.augment) == (
+        "scaled_tanh",
+        "avg",
+        "sgd",
+        "none",
+    )
     assert config.lr == 0.5 and config.preset == "classic"
 
 
@@ -48,8 +53,18 @@ def test_bad_choice_lists_choices(key: str) -> None:
     assert "choose one of" in str(err.value) and CHOICES[key][0] in str(err.value)
 
 
-@pytest.mark.parametrize("key,value", [("dropout", 1.0), ("lr", 0), ("momentum", -0.1),
-                                       ("batch_size", 0), ("epochs", 0), ("label_smoothing", 1.5), ("val_size", 0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("dropout", 1.0),
+        ("lr", 0),
+        ("momentum", -0.1),
+        ("batch_size", 0),
+        ("epochs", 0),
+        ("label_smoothing", 1.5),
+        ("val_size", 0),
+    ],
+)
 def test_out_of_range(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match="out of range"):
         RunConfig.from_dict({key: value})
@@ -69,13 +84,19 @@ def test_type_errors() -> None:
 
 
 def test_numpy_scalars_become_python_values() -> None:
-    config = RunConfig.from_dict({"lr": np.float64(0.01), "epochs": np.int64(3), "batch_size": "64", "dropout": np.float32(0.5)})
+    config = RunConfig.from_dict(
+        {"lr": np.float64(0.01), "epochs": np.int64(3), "batch_size": "64", "dropout": np.float32(0.5)}
+    )
     assert type(config.lr) is float and type(config.epochs) is int and config.batch_size == 64
     assert config.to_dict()["dropout"] == 0.5
 
 
 def test_parse_overrides() -> None:
-    assert parse_overrides(["lr=0.1", "--optimizer=adam", "data_dir="]) == {"lr": "0.1", "optimizer": "adam", "data_dir": ""}
+    assert parse_overrides(["lr=0.1", "--optimizer=adam", "data_dir="]) == {
+        "lr": "0.1",
+        "optimizer": "adam",
+        "data_dir": "",
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])
 
@@ -109,6 +130,8 @@ def test_leave_one_out_presets_restore_classic_settings() -> None:
 
     for name, keys in TECHNIQUES:
         variant = PRESETS[f"modern_no_{name}"]
-        assert {k for k in variant if variant[k] != PRESETS["modern"][k]} == {k for k in keys if PRESETS["classic"][k] != PRESETS["modern"][k]}
+        assert {k for k in variant if variant[k] != PRESETS["modern"][k]} == {
+            k for k in keys if PRESETS["classic"][k] != PRESETS["modern"][k]
+        }
         assert all(variant[k] == PRESETS["classic"][k] for k in keys)
     assert RunConfig.from_dict({"preset": "modern_plus_dropout"}).dropout > 0

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, make_images
 
 from ablation.config import RunConfig
-from ablation.data import (Batches, gather_batch, load_dataset, read_batches, split_train_val, synthetic_dataset)
+from ablation.data import Batches, gather_batch, load_dataset, read_batches, split_train_val, synthetic_dataset
 from ablation.errors import DataError
-from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, make_images
 
 
 def config(**values) -> RunConfig:
@@ -111,7 +111,7 @@ def test_split_is_fixed_and_disjoint() -> None:
 def reference_crop_flip(image: torch.Tensor) -> list[torch.Tensor]:
     """Every crop (reflect pad 4) and flip of one image, the slow obvious way."""
     padded = F.pad(image[None].float(), (4, 4, 4, 4), mode="reflect")[0].to(torch.uint8)
-    crops = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    crops = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
     return crops + [c.flip(2) for c in crops]
 
 
@@ -140,8 +140,9 @@ def test_batches_normalise_and_drop_last() -> None:
     images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(70)
     mean, std = torch.full((1, 3, 1, 1), 127.5), torch.full((1, 3, 1, 1), 64.0)
-    train = Batches(images, labels, mean, std, 32, "crop_flip", shuffle=True, drop_last=True,
-                    gen=torch.Generator().manual_seed(0))
+    train = Batches(
+        images, labels, mean, std, 32, "crop_flip", shuffle=True, drop_last=True, gen=torch.Generator().manual_seed(0)
+    )
     seen = torch.cat([y for _, y in train])
     assert len(train) == 2 and len(seen) == 64 and len(set(seen.tolist())) == 64
     evaluation = Batches(images, labels, mean, std, 32)

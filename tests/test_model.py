@@ -40,9 +40,14 @@ def test_batch_norm_and_dropout_present_when_asked() -> None:
     assert [m.p for m in model if isinstance(m, nn.Dropout)] == [0.25, 0.25]
 
 
-@pytest.mark.parametrize("scheme,expected", [("lecun_normal", 1 / math.sqrt(400)),
-                                             ("kaiming_normal", math.sqrt(2 / 400)),
-                                             ("xavier_normal", math.sqrt(2 / (400 + 120)))])
+@pytest.mark.parametrize(
+    "scheme,expected",
+    [
+        ("lecun_normal", 1 / math.sqrt(400)),
+        ("kaiming_normal", math.sqrt(2 / 400)),
+        ("xavier_normal", math.sqrt(2 / (400 + 120))),
+    ],
+)
 def test_init_scales(scheme: str, expected: float) -> None:
     torch.manual_seed(0)
     model = build_model(RunConfig.from_dict({"init": scheme, "activation": "relu", "norm": "none"}))

@@ -17,8 +17,11 @@ STUDIES = [p for p in SWEEP_FILES if p.stem not in ("smoke", "search")]
 
 
 def grid(**parameters) -> dict:
-    return {"method": "grid", "metric": {"name": "val/acc", "goal": "maximize"},
-            "parameters": {k: ({"values": v} if isinstance(v, list) else {"value": v}) for k, v in parameters.items()}}
+    return {
+        "method": "grid",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": {k: ({"values": v} if isinstance(v, list) else {"value": v}) for k, v in parameters.items()},
+    }
 
 
 def test_the_expected_sweep_files_exist() -> None:
@@ -40,17 +43,23 @@ def test_every_study_cell_has_three_seeds(path: Path) -> None:
     assert len(set(seeds)) >= 3
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"method": "grid", "parameters": {"lr": {"values": [0.1]}}, "metric": {"name": "val/acc", "goal": "up"}}, "goal"),
-    ({**grid(lr=[0.1]), "method": "hill_climb"}, "method"),
-    (grid(learning_rate=[0.1]), "unknown parameter 'learning_rate'"),
-    (grid(activation=["relu", "swish"]), "activation='swish' is not valid"),
-    (grid(lr=[]), "empty values list"),
-    (grid(lr=[-1.0]), "out of range"),
-    ({**grid(lr=[0.1]), "metric": {"name": "accuracy", "goal": "maximize"}}, "metric 'accuracy' is never logged"),
-    ({"method": "grid", "parameters": {"opt": {"parameters": {"lr": {"values": [0.1]}}}}}, "nested"),
-    ({"method": "grid", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "continuous range"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"method": "grid", "parameters": {"lr": {"values": [0.1]}}, "metric": {"name": "val/acc", "goal": "up"}},
+            "goal",
+        ),
+        ({**grid(lr=[0.1]), "method": "hill_climb"}, "method"),
+        (grid(learning_rate=[0.1]), "unknown parameter 'learning_rate'"),
+        (grid(activation=["relu", "swish"]), "activation='swish' is not valid"),
+        (grid(lr=[]), "empty values list"),
+        (grid(lr=[-1.0]), "out of range"),
+        ({**grid(lr=[0.1]), "metric": {"name": "accuracy", "goal": "maximize"}}, "metric 'accuracy' is never logged"),
+        ({"method": "grid", "parameters": {"opt": {"parameters": {"lr": {"values": [0.1]}}}}}, "nested"),
+        ({"method": "grid", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "continuous range"),
+    ],
+)
 def test_invalid_sweeps_are_rejected(config: dict, message: str) -> None:
     with pytest.raises(SweepError, match=message):
         validate_sweep(config)
@@ -58,7 +67,9 @@ def test_invalid_sweeps_are_rejected(config: dict, message: str) -> None:
 
 def test_deprecated_exponent_distributions_get_wandbs_own_message() -> None:
     with pytest.raises(SweepError, match="Use log_uniform_values"):  # min/max would be exponents, not values
-        validate_sweep({"method": "random", "parameters": {"lr": {"distribution": "log_uniform", "min": -9.2, "max": -2.3}}})
+        validate_sweep(
+            {"method": "random", "parameters": {"lr": {"distribution": "log_uniform", "min": -9.2, "max": -2.3}}}
+        )
 
 
 def test_grid_size_matches_the_engine() -> None:
@@ -73,8 +84,13 @@ def test_grid_size_matches_the_engine() -> None:
 
 
 def test_engine_values_are_plain_python() -> None:
-    config = {"method": "random", "parameters": {"lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.1},
-                                                 "batch_size": {"distribution": "q_uniform", "min": 32, "max": 256, "q": 32}}}
+    config = {
+        "method": "random",
+        "parameters": {
+            "lr": {"distribution": "log_uniform_values", "min": 0.01, "max": 0.1},
+            "batch_size": {"distribution": "q_uniform", "min": 32, "max": 256, "q": 32},
+        },
+    }
     params = suggest(config, [], seed=1)
     assert type(params["lr"]) is float and not isinstance(params["lr"], np.generic)
     assert plain(np.int64(3)) == 3 and type(plain(np.float32(0.5))) is float
@@ -131,7 +147,11 @@ def test_dead_worker_run_is_requeued(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_run_cap_retry_failed_and_stop(tmp_path: Path) -> None:
     store = Store(tmp_path / "lenet.db")
-    config = {"method": "random", "run_cap": 3, "parameters": {"lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}}}
+    config = {
+        "method": "random",
+        "run_cap": 3,
+        "parameters": {"lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}},
+    }
     sweep_id = store.create_sweep(config, seed=0)
     ids = []
     while (claim := store.claim(sweep_id, "w")) is not None:

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from ablation.config import CHOICES, RunConfig
-from ablation.tracking import MemoryLogger
-from ablation.train import Record, load_checkpoint, lr_factor, make_optimizer, evaluate_checkpoint, train
 from ablation.model import build_model
-from conftest import TINY
+from ablation.tracking import MemoryLogger
+from ablation.train import Record, evaluate_checkpoint, load_checkpoint, lr_factor, make_optimizer, train
 
 
 def run(data_dir: Path, checkpoint_dir: Path | None = None, **values) -> tuple[dict, MemoryLogger]:
@@ -19,15 +19,26 @@ def run(data_dir: Path, checkpoint_dir: Path | None = None, **values) -> tuple[d
     return train(config, logger, checkpoint_dir=checkpoint_dir), logger
 
 
-CHOICE_CASES = [(k, v) for k in ("activation", "pooling", "norm", "init", "optimizer", "schedule", "augment")
-                for v in CHOICES[k]]
+CHOICE_CASES = [
+    (k, v) for k in ("activation", "pooling", "norm", "init", "optimizer", "schedule", "augment") for v in CHOICES[k]
+]
 
 
 @pytest.mark.parametrize("key,value", CHOICE_CASES, ids=[f"{k}={v}" for k, v in CHOICE_CASES])
 def test_every_choice_trains(batches_dir: Path, key: str, value: str) -> None:
     warmup = 0.0 if (key, value) == ("schedule", "onecycle") else 0.5  # onecycle has its own warm-up
-    summary, logger = run(batches_dir, **{"lr": 0.01, "l1": 1e-5, "grad_clip": 1.0, "schedule": "cosine",
-                                          "warmup_epochs": warmup, "dropout": 0.1, key: value})
+    summary, logger = run(
+        batches_dir,
+        **{
+            "lr": 0.01,
+            "l1": 1e-5,
+            "grad_clip": 1.0,
+            "schedule": "cosine",
+            "warmup_epochs": warmup,
+            "dropout": 0.1,
+            key: value,
+        },
+    )
     assert summary["state"] == "finished" and summary["epochs_run"] == 1
     assert math.isfinite(logger.history[0]["train/loss"]) and 0 <= summary["test/acc"] <= 100
 
@@ -35,10 +46,20 @@ def test_every_choice_trains(batches_dir: Path, key: str, value: str) -> None:
 def test_metrics_logged_every_epoch(batches_dir: Path) -> None:
     summary, logger = run(batches_dir, epochs=3)
     assert [h["epoch"] for h in logger.history] == [1, 2, 3]
-    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "throughput/img_s"} <= set(logger.history[0])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "time/epoch_s", "throughput/img_s"} <= set(
+        logger.history[0]
+    )
     assert logger.final == summary
-    for key in ("best_epoch", "test/acc", "test/loss", "gap/train_val_acc", "params", "time/total_s",
-                "epochs_to/val_acc_50", "epochs_to/val_acc_70"):
+    for key in (
+        "best_epoch",
+        "test/acc",
+        "test/loss",
+        "gap/train_val_acc",
+        "params",
+        "time/total_s",
+        "epochs_to/val_acc_50",
+        "epochs_to/val_acc_70",
+    ):
         assert key in summary
     assert summary["dataset"] == "cifar10" and summary["params"] > 60_000
 
@@ -108,7 +129,16 @@ def test_weight_decay_skips_biases_and_norms() -> None:
 
 def test_l1_shrinks_weights(batches_dir: Path, tmp_path: Path) -> None:
     def l1_norm(l1: float) -> float:
-        run(batches_dir, checkpoint_dir=tmp_path / str(l1), epochs=2, l1=l1, norm="none", weight_decay=0, schedule="constant", lr=0.01)
+        run(
+            batches_dir,
+            checkpoint_dir=tmp_path / str(l1),
+            epochs=2,
+            l1=l1,
+            norm="none",
+            weight_decay=0,
+            schedule="constant",
+            lr=0.01,
+        )
         weights = load_checkpoint(tmp_path / str(l1) / "last.pt")["model"]
         return sum(w.abs().sum().item() for w in weights.values() if w.ndim > 1)
 
