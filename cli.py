@@ -19,7 +19,8 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ablation.config import RunConfig, describe, load_config_file, parse_overrides
-from ablation.errors import LenetError
+from ablation.errors import Interrupted, LenetError
+from ablation.signals import exit_by_signal
 
 console = Console()
 err_console = Console(stderr=True)
@@ -89,6 +90,8 @@ class LenetGroup(TyperGroup):
             if os.environ.get("LENET_DEBUG"):
                 raise
             err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+            if isinstance(exc, Interrupted):  # cleaned up; now end by the signal, as an uncaught Ctrl-C does
+                exit_by_signal(exc.signum)
             raise typer.Exit(exc.exit_code) from None
 
 
@@ -98,6 +101,27 @@ app = typer.Typer(
     add_completion=False,
     help="LeNet-5 on CIFAR-10: train variants, run ablation sweeps, report what matters.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            say(f"lenet {version('lenet')}")
+        except PackageNotFoundError:
+            say("lenet (version unknown: not installed; run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print lenet's version and exit."),
+    ] = False,
+) -> None:
+    """Options of `lenet` itself (before the command)."""
 
 
 def build_config(overrides: list[str], config_file: Path | None) -> RunConfig:
@@ -113,11 +137,12 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-@app.command()
+# --lr=0.1 (W&B's ${args} macro) arrives among the overrides instead of failing as an unknown option.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     overrides: Annotated[
         list[str] | None,
-        typer.Argument(help="Settings as key=value, e.g. preset=classic lr=0.01 (see `lenet params`)."),
+        typer.Argument(help="Settings as key=value or --key=value, e.g. preset=classic lr=0.01 (see `lenet params`)."),
     ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="YAML file of settings; key=value arguments override it.")
@@ -132,14 +157,20 @@ def train(
     entity: Annotated[str | None, typer.Option(help="W&B entity (user or team).")] = None,
 ) -> None:
     """Train one LeNet-5 variant and report its metrics."""
-    from ablation.data import load_dataset
+    from ablation.data import check_split, load_dataset
+    from ablation.paths import writable_dir
+    from ablation.signals import StopRequest, signal_name
     from ablation.store import home
     from ablation.tracking import FanOut, WandbLogger, start_wandb, wandb_mode
+    from ablation.train import autocast_dtype, resolve_device
     from ablation.train import train as train_run
 
     out = out or home() / "runs"
     config = build_config(overrides or [], config_file)
+    autocast_dtype(config.precision, resolve_device(config.device))  # device=cuda, precision=fp16 without a GPU
     dataset = load_dataset(config)  # before W&B starts: bad data leaves no dead run
+    check_split(config, dataset)
+    writable_dir(out, "checkpoint folder", "pass --out a writable folder (default: $LENET_HOME/runs)")
     mode = wandb_mode(wandb.value)
     run = start_wandb(config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
     name = run.id if run is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -147,23 +178,31 @@ def train(
         f"run [bold]{name}[/] (W&B {mode}) preset={config.preset} data={dataset.name} device={config.device}",
         highlight=False,
     )
-    try:
-        with _progress() as progress:
+    try:  # SIGTERM (W&B's agent stopping a run) or Ctrl-C: the run ends at the next batch as `stopped`
+        with StopRequest() as stop, _progress() as progress:
             terminal = TerminalLogger(progress, config.epochs)
             logger = FanOut(terminal, WandbLogger(run)) if run is not None else terminal
-            summary = train_run(config, logger, checkpoint_dir=out / name, dataset=dataset)
-    except KeyboardInterrupt:
+            summary = train_run(config, logger, checkpoint_dir=out / name, dataset=dataset, stop_now=stop)
+    except BaseException:
         if run is not None:
-            run.finish(exit_code=130)
-        fail(f"interrupted; the last finished epoch is saved in {out / name}/last.pt")
+            run.finish(exit_code=1)
+        raise
     if run is not None:
-        run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
+        run.finish(exit_code=0 if summary["state"] != "diverged" else 1)  # a stopped run is a (shorter) result
     console.print(_summary_table(summary))
-    console.print(f"checkpoints: {out / name}/best.pt, last.pt", highlight=False)
+    saved = [p.name for p in (out / name / "best.pt", out / name / "last.pt") if p.exists()]  # diverged: no best
+    checkpoints = f"{out / name}/{', '.join(saved)}" if saved else "none (no epoch finished)"
+    console.print(f"checkpoints: {checkpoints}", highlight=False)
     if run is not None and mode == "offline":
         console.print(
             f"W&B offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`",
             highlight=False,
+        )
+    if stop.signum is not None:
+        raise Interrupted(
+            f"stopped by {signal_name(stop.signum)} after {summary['epochs_run']} of {config.epochs} epochs "
+            f"(summary saved); checkpoints: {checkpoints}",
+            stop.signum,
         )
     if summary["state"] == "diverged":
         raise LenetError(
@@ -288,6 +327,13 @@ def sweep_ls() -> None:
             time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["created_at"])),
         )
     console.print(table)
+    _note_read_only(store)
+
+
+def _note_read_only(store: Any) -> None:
+    """Say why a store that could only be opened for reading (a full or read-only disk) will refuse writes."""
+    if store.read_only:
+        err_console.print(f"note: listing only; {store.read_only}", markup=False, highlight=False, soft_wrap=True)
 
 
 @sweep_app.command("status")
@@ -333,6 +379,7 @@ def sweep_status(
         f"store: {store.path}; W&B offline runs: {home() / 'wandb'} "
         f"(upload with `wandb sync {home() / 'wandb'}/offline-run-*`)"
     )
+    _note_read_only(store)
 
 
 def _metric_value(store: Any, run: dict[str, Any], metric: str | None) -> float | None:
@@ -410,10 +457,9 @@ def agent_event(kind: str, info: dict[str, Any]) -> None:
     elif kind == "end":
         say(f"[{info['run']}] failed: {info['error']}")
     elif kind == "worker_died":
-        say(
-            f"worker {info['worker']} died (exit code {info['exitcode']}); "
-            "its run is requeued once its heartbeat times out"
-        )
+        requeued = f"requeued {', '.join(info['requeued'])}" if info["requeued"] else "it held no run"
+        again = f"started replacement {info['replacement']}" if info["replacement"] else "no replacements left"
+        say(f"worker {info['worker']} died (exit code {info['exitcode']}); {requeued}; {again}")
 
 
 @app.command()
@@ -472,10 +518,7 @@ def agent(
         + f"{specs[0].threads} CPU thread(s) each",
         highlight=False,
     )
-    try:
-        run_agent(specs, agent_event)
-    except KeyboardInterrupt:
-        fail("interrupted: runs in progress were requeued and resume from their last checkpoint")
+    run_agent(specs, agent_event)  # SIGTERM/Ctrl-C: workers stop, their runs are requeued, Interrupted says so
     for sweep_id in sweep_ids:
         runs = store.runs(sweep_id)
         failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
@@ -493,14 +536,26 @@ def _wandb_agent(
     import wandb as wb
 
     from ablation.agent import wandb_sweep_function
+    from ablation.signals import StopRequest, StopSignal, signal_name
 
-    wb.agent(
-        sweep_id,
-        function=wandb_sweep_function,
-        count=count,
-        project=project or (sweep or {}).get("project"),
-        entity=entity or (sweep or {}).get("entity"),
-    )
+    # SIGTERM raises StopSignal (a KeyboardInterrupt) here, so W&B's agent treats it as Ctrl-C: it stops the
+    # run in progress, which ends as `stopped` with its summary (wandb_sweep_function), and returns.
+    with StopRequest(raise_in_main=True) as stop:
+        try:
+            wb.agent(
+                sweep_id,
+                function=wandb_sweep_function,
+                count=count,
+                project=project or (sweep or {}).get("project"),
+                entity=entity or (sweep or {}).get("entity"),
+            )
+        except StopSignal:
+            pass
+    if stop.signum is not None:
+        raise Interrupted(
+            f"interrupted ({signal_name(stop.signum)}); a run in progress ended as stopped, with its summary logged",
+            stop.signum,
+        )
 
 
 def load_results(sources: list[str]) -> Any:
@@ -547,6 +602,7 @@ def sweep_confirm(
     """Write a sweep that retrains a sweep's best run over several seeds (its winner, confirmed)."""
     import yaml
 
+    from ablation.paths import write_text
     from ablation.sweep import confirm_sweep
     from analysis.tables import best_run
 
@@ -564,8 +620,7 @@ def sweep_confirm(
         f"# Question: does the best of sweep {meta['name']} ({run['chosen']}) "
         f"hold up over {seeds} seeds and {epochs} epochs?"
     )
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(question + "\n" + yaml.safe_dump(config, sort_keys=False))
+    write_text(file, question + "\n" + yaml.safe_dump(config, sort_keys=False), "sweep file", "choose another path")
     fixed = " ".join(f"{k}={v['value']}" for k, v in config["parameters"].items() if "value" in v)
     say(f"wrote {file}: {run['chosen']} ({fixed}) x {seeds} seeds; start it with `lenet sweep create {file}`")
 
@@ -577,18 +632,36 @@ def report(
     ],
     out: Annotated[Path, typer.Option(help="Folder for report.md, CSV and PNG files.")] = Path("report"),
     wandb: Annotated[
-        bool, typer.Option("--wandb", help="Also build a W&B Report (needs a W&B login) and print its URL.")
+        bool,
+        typer.Option(
+            "--wandb",
+            help="Also save a W&B Report (needs a W&B login) and print its URL; "
+            "local sweeps' panels fill once their offline runs are uploaded with `wandb sync`.",
+        ),
     ] = False,
-    project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "lenet",
-    entity: Annotated[str | None, typer.Option(help="W&B entity for --wandb.")] = None,
+    project: Annotated[str, typer.Option(help="W&B project for --wandb (where the sweeps' runs are).")] = "lenet",
+    entity: Annotated[
+        str | None, typer.Option(help="W&B entity for --wandb (default: your login's default entity).")
+    ] = None,
+    equivalence: Annotated[
+        float, typer.Option(help="Equivalence band δ (accuracy points): |Δ| surely below it is `equivalent`.")
+    ] = 0.5,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
+    from ablation.errors import TrackingError
+    from ablation.paths import writable_dir
+    from ablation.tracking import wandb_logged_in
     from analysis.report import wandb_report, write_report
+    from analysis.stats import check as check_verdict_args
     from analysis.tables import effects, factors, format_effects, seed_table
 
+    check_verdict_args(0.05, equivalence)  # a bad --equivalence is a usage error before any work
+    if wandb and not wandb_logged_in():  # before any work: saving the report is what --wandb asks for
+        raise TrackingError("--wandb saves a W&B report and needs a W&B login: run `wandb login`, or drop --wandb")
     results = load_results(sources)
     if results.runs.empty:
         fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
+    writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
     for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
         table = seed_table(results, sweep_id)
         _print_table(
@@ -596,7 +669,7 @@ def report(
             table[["Model/variant", "# Epochs", "Val Accuracy", "Test Accuracy", "Not counted"]],
         )
         if factors(meta["config"]):
-            effect = format_effects(effects(results, sweep_id))
+            effect = format_effects(effects(results, sweep_id, equivalence))
             _print_table(
                 f"{meta['name']}: effects (95% CI)",
                 effect[
@@ -612,10 +685,12 @@ def report(
                     ]
                 ],
             )
-    path = write_report(results, out, sources, "lenet report " + " ".join(sources) + f" --out {out}")
+    band = f" --equivalence {equivalence:g}" if equivalence != 0.5 else ""  # report.md's command re-creates it
+    command = "lenet report " + " ".join(sources) + f" --out {out}{band}"
+    path = write_report(results, out, sources, command, equivalence)
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
-        built = _save_wandb_report(wandb_report(results, entity, project))
+        built = _save_wandb_report(wandb_report(results, entity or None, project))
         say(f"W&B report: {built}")
 
 
@@ -626,7 +701,8 @@ def _save_wandb_report(report: Any) -> str:
         return report.save().url
     except Exception as exc:
         raise TrackingError(
-            f"could not save the W&B report ({type(exc).__name__}); run `wandb login` and check --entity/--project"
+            f"could not save the W&B report ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "check your W&B login and --entity/--project"
         ) from None
 
 

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ablation.config import RunConfig
-from ablation.errors import LenetError
+from ablation.errors import Interrupted, LenetError, OutputError
+from ablation.signals import StopRequest, StopSignal, signal_name
 from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
 from ablation.train import cpu_threads, train
 
 Event = Callable[[str, dict[str, Any]], None]  # (kind, details): how workers report to the CLI
+T = TypeVar("T")
 POLL_S = 2.0  # how often a worker with nothing to claim looks again while other runs are in flight
+INTERRUPTED = "agent interrupted; requeued to resume from its last checkpoint"  # the store's reason for a stop
+MAX_REPLACEMENTS = 3  # new processes per worker slot after unexpected deaths (a crash loop must end)
+STOP_GRACE_S = 30.0  # how long stopped workers may take to requeue their runs before they are killed
 
 
 @dataclass(frozen=True)
@@ -80,18 +88,26 @@ def run_config(params: dict[str, Any], spec: WorkerSpec) -> RunConfig:
     return config if "threads" in params else replace(config, threads=spec.threads)
 
 
-def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event) -> str:
-    """Train one claimed run, recording its history, summary, state or error; returns the final state."""
+def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> str:
+    """Train one claimed run, recording its history, summary, state or error; returns the final state.
+
+    A stop signal (`stop`) requeues the run (it resumes exactly from last.pt) and raises StopSignal; a failed
+    checkpoint write (OutputError: a full or read-only disk, not the run's fault) requeues it and is raised, to
+    stop the worker."""
+    stop = stop or StopRequest()  # never set: nothing stops this run from outside
     run_dir = home_of(spec) / "runs" / claim.run_id
     on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
     wandb_run = None
     try:
-        config = run_config(claim.params, spec)
+        config = run_config(claim.config or claim.params, spec)  # the full config the store recorded at claim
         if spec.wandb_mode != "disabled":
+            sweep = store.sweep(claim.sweep_id)  # runs go where `lenet sweep create --project/--entity` said
             wandb_run = start_wandb(
                 config.to_dict(),
                 spec.wandb_mode,
-                "lenet",
+                sweep["project"] or "lenet",
+                entity=sweep["entity"],
+                console="off",  # this worker's console carries every run's events; a failure's traceback is stored
                 id=claim.run_id,
                 group=claim.sweep_id,
                 name=claim.run_id,
@@ -100,21 +116,30 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event) -
                 job_type="sweep",
             )
         logger = FanOut(StoreLogger(store, claim.run_id), *([WandbLogger(wandb_run)] if wandb_run else []))
-        with Heartbeat(spec.store_path, claim.run_id):
+        with Heartbeat(spec.store_path, claim.run_id), stop.deferred():  # a signal ends training at the next batch
             summary = train(
                 config,
                 logger,
                 checkpoint_dir=run_dir,
                 resume=claim.attempt > 1,
                 should_stop=lambda: store.should_stop(claim.run_id),
+                stop_now=stop,
             )
+        if stop.signum is not None:  # stopped by a signal, not by the sweep: the run is not over
+            raise StopSignal(stop.signum)
         store.finish(claim.run_id, summary["state"], summary)
         on_event("end", {"run": claim.run_id, "state": summary["state"], "summary": summary})
         return summary["state"]
-    except KeyboardInterrupt:
-        store.requeue(claim.run_id, "agent interrupted; requeued to resume from its last checkpoint")
+    except KeyboardInterrupt:  # a stop signal (StopSignal) or Ctrl-C: hand the run back; it resumes exactly
+        store.requeue(claim.run_id, INTERRUPTED)
         raise
     except Exception as exc:  # a failed run is recorded, never allowed to kill the agent
+        if stop.signum is not None:  # the stop surfaced as another error (a library caught and re-raised it)
+            store.requeue(claim.run_id, INTERRUPTED)
+            raise StopSignal(stop.signum) from None
+        if isinstance(exc, OutputError):  # a full or read-only disk is not the run's fault: hand it back
+            store.requeue(claim.run_id, f"requeued: {exc}")
+            raise OutputError(f"{exc}; run {claim.run_id} was requeued") from None
         message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
         store.finish(
             claim.run_id,
@@ -137,15 +162,16 @@ def claim_next(store: Store, spec: WorkerSpec) -> Claim | str | None:
     """A run from the first of the worker's sweeps that has one; WAIT while any still has runs in flight."""
     waiting = False
     for sweep_id in spec.sweep_ids:
-        claim = store.claim(sweep_id, spec.name)
+        claim = store.claim(sweep_id, spec.name, {"threads": spec.threads})  # stored with the run's config
         if isinstance(claim, Claim):
             return claim
         waiting = waiting or claim == WAIT
     return WAIT if waiting else None
 
 
-def work(spec: WorkerSpec, on_event: Event) -> int:
-    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained."""
+def work(spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> int:
+    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained.
+    `stop`, set by a signal, ends it (StopSignal) with its run requeued."""
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
     store = Store(spec.store_path)
@@ -157,7 +183,7 @@ def work(spec: WorkerSpec, on_event: Event) -> int:
             continue
         if claim is None:
             break
-        train_claim(store, claim, spec, on_event)
+        train_claim(store, claim, spec, on_event, stop)
         done += 1
     on_event("exit", {"worker": spec.name, "runs": done})
     return done
@@ -184,36 +210,207 @@ def plan_workers(
 
 
 def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:
-    """Run one worker in this process, or several as spawned processes, until all exit."""
-    if len(specs) == 1:
-        work(specs[0], on_event)
-        return
+    """Run the workers until their sweeps are done: one in this process, several as child processes.
+
+    SIGTERM or SIGINT (to the agent or its process group) stops every worker; each requeues its run at once
+    (it resumes exactly from last.pt) and `Interrupted` says how many were. A worker's LenetError (a full disk)
+    stops the others the same way and is raised here."""
+    store = Store(specs[0].store_path)
+    with StopRequest(raise_in_main=True) as stop:  # later signals are ignored: the clean-up must not be cut short
+        try:
+            if len(specs) == 1:
+                work(specs[0], on_event, stop)
+            else:
+                supervise(specs, on_event, store, stop)
+        except BaseException as exc:
+            count = requeue_held(store, specs)
+            if isinstance(exc, StopSignal):
+                raise Interrupted(
+                    f"interrupted ({signal_name(exc.signum)}): {count} run(s) requeued; "
+                    "they resume from their last checkpoint",
+                    exc.signum,
+                ) from None
+            raise
+
+
+def supervise(specs: list[WorkerSpec], on_event: Event, store: Store, stop: StopRequest) -> None:
+    """Run each worker in a child process until all exit; a worker that dies is replaced (at most
+    MAX_REPLACEMENTS times per slot) and its run requeued at once; any exception here stops them all."""
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/sqlite state
-    procs = [context.Process(target=work, args=(spec, on_event), name=spec.name) for spec in specs]
-    for proc in procs:
-        proc.start()
+    slots: dict[int, tuple[Any, Any]] = {}  # slot -> (process, the pipe its LenetError would come through)
+    replaced = [0] * len(specs)
     try:
-        for proc, spec in zip(procs, specs):
+        for i, spec in enumerate(specs):
+            slots[i] = start_worker(context, spec, on_event, stop)
+        while slots:
+            if stop.signum is not None:  # a signal that arrived while a worker was starting
+                raise StopSignal(stop.signum)
+            multiprocessing.connection.wait([proc.sentinel for proc, _ in slots.values()])
+            for i, (proc, errors) in list(slots.items()):
+                if proc.is_alive():
+                    continue
+                del slots[i]
+                error = worker_error(errors)
+                if error is not None:  # the worker stopped on a LenetError (a full disk): it is the agent's now
+                    raise error
+                if proc.exitcode == 0:
+                    continue
+                spec = specs[i]
+                lost = held_runs(store, spec.sweep_ids, {spec.name}, proc.pid)
+                for run_id in lost:
+                    store.requeue(run_id, f"worker died (exit code {proc.exitcode}); requeued")
+                again = replaced[i] < MAX_REPLACEMENTS
+                on_event(
+                    "worker_died",
+                    {
+                        "worker": spec.name,
+                        "exitcode": proc.exitcode,
+                        "requeued": lost,
+                        "replacement": f"{replaced[i] + 1}/{MAX_REPLACEMENTS}" if again else None,
+                    },
+                )
+                if again:
+                    replaced[i] += 1
+                    slots[i] = start_worker(context, spec, on_event, stop)
+    finally:
+        stop_workers([proc for proc, _ in slots.values()])
+
+
+def start_worker(context: Any, spec: WorkerSpec, on_event: Event, stop: StopRequest) -> tuple[Any, Any]:
+    """Start one worker process; returns it and the pipe its LenetError would come through.
+
+    A signal only sets `stop` meanwhile (raised inside Process.start it would leave a child waiting for its
+    start-up data). The child starts with SIGINT ignored (a disposition survives exec), so a Ctrl-C during its
+    start-up prints no KeyboardInterrupt traceback; `worker_process` then handles SIGINT. This process blocks
+    SIGINT while it ignores it, and Linux keeps a blocked signal pending, so a Ctrl-C meanwhile is not lost."""
+    errors, sender = context.Pipe(duplex=False)  # a pipe, not a Queue: no semaphores to leak if the agent is killed
+    proc = context.Process(target=worker_process, args=(spec, on_event, sender), name=spec.name)
+    with stop.deferred():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C held back meanwhile arrives now
+            sender.close()  # the worker holds its own copy
+    return proc, errors
+
+
+def worker_error(errors: Any) -> LenetError | None:
+    """The LenetError an exited worker sent, if any (a worker that died sent nothing: the pipe is at its end)."""
+    try:
+        return errors.recv() if errors.poll() else None
+    except EOFError:
+        return None
+
+
+def worker_process(spec: WorkerSpec, on_event: Event, errors: Any) -> None:
+    """A worker process's entry point: a stop signal, or its agent's death, requeues its run and ends it
+    quietly (exit 128 + signal); a LenetError goes to the agent through `errors` (exit 1)."""
+    watch_parent(os.getppid())
+    try:
+        with StopRequest(raise_in_main=True) as stop:
+            work(spec, on_event, stop)
+    except StopSignal as signalled:
+        sys.exit(128 + signalled.signum)
+    except LenetError as exc:
+        errors.send(exc)
+        sys.exit(1)
+
+
+def watch_parent(parent: int, interval: float = 1.0) -> None:
+    """SIGTERM this process once its parent is gone (the agent was killed with -9): a worker never outlives
+    its agent, and stops exactly as if the agent had stopped it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def stop_workers(procs: list[Any]) -> None:
+    """SIGTERM every live worker (each requeues its run), wait up to STOP_GRACE_S, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
             proc.join()
-            if proc.exitcode:
-                on_event("worker_died", {"worker": spec.name, "exitcode": proc.exitcode})
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.join(timeout=30)  # each worker requeues its run on the same Ctrl-C
-        raise
+
+
+def held_runs(store: Store, sweep_ids: Iterable[str], workers: set[str], pid: int | None = None) -> list[str]:
+    """Ids of the runs these workers (by name, and process id if given) hold: claimed and still running."""
+    return [
+        run["id"]
+        for sweep_id in sweep_ids
+        for run in store.runs(sweep_id)
+        if run["state"] == "running" and run["worker"] in workers and (pid is None or run["pid"] == pid)
+    ]
+
+
+def requeue_held(store: Store, specs: list[WorkerSpec]) -> int:
+    """Requeue the runs the agent's workers still hold (a worker killed before it could); returns how many of
+    their runs a stop has put back in the queue (by the workers themselves or here)."""
+    names = {spec.name for spec in specs}
+    for run_id in held_runs(store, specs[0].sweep_ids, names):
+        store.requeue(run_id, INTERRUPTED)
+    return sum(
+        run["state"] == "pending" and run["worker"] in names and run["error"] == INTERRUPTED
+        for sweep_id in specs[0].sweep_ids
+        for run in store.runs(sweep_id)
+    )
 
 
 def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `wandb.agent` calls for each run of a W&B sweep: config from the sweep, our training, W&B logging."""
+    """What `wandb.agent` calls for each run of a W&B sweep: config from the sweep, our training, W&B logging.
+
+    A stop ends the run as `stopped` at the next batch, with its summary and the best epoch's test metrics:
+    W&B's agent (hyperband, Ctrl-C) stops a run by raising an exception in this thread; SIGTERM and SIGINT
+    do the same where this runs in the main thread."""
     import wandb
 
     run = wandb.init(config=defaults)
     try:
         config = RunConfig.from_dict({k: v for k, v in dict(run.config).items() if not k.startswith("_")})
         run.config.update(config.to_dict(), allow_val_change=True)
-        summary = train(config, FanOut(WandbLogger(run), MemoryLogger()), checkpoint_dir=home() / "runs" / run.id)
+        logger = FanOut(WandbLogger(run), MemoryLogger())
+        with StopRequest() as stop:
+            summary = run_stoppable(
+                lambda: train(config, logger, checkpoint_dir=home() / "runs" / run.id, stop_now=stop), stop
+            )
         run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
         return summary
     except BaseException:
         run.finish(exit_code=1)
         raise
+
+
+def run_stoppable(fn: Callable[[], T], stop: StopRequest) -> T:
+    """`fn()` in a helper thread while this thread waits: an exception raised into this thread (how W&B's agent
+    stops a run) sets `stop` instead of abandoning the run mid-epoch; `fn` then ends promptly and returns."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="lenet-train", daemon=True).start()
+    while not done.is_set():
+        try:
+            time.sleep(0.1)  # not Event.wait: an exception raised inside a lock wait can leave the lock taken
+        except Exception:  # W&B's agent: PyThreadState_SetAsyncExc(thread, Exception)
+            stop.set()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -34,21 +34,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preset": (),  # filled from PRESETS below
 }
 
+# PyTorch's optimisers hold lr and weight decay as float32: a larger value is a crash, not a divergence.
+FLOAT32_LIMIT = 1e38
+
 # Numeric ranges as (low, high, high_inclusive); low is always inclusive.
 RANGES: dict[str, tuple[float, float, bool]] = {
     "dropout": (0.0, 1.0, False),
-    "lr": (1e-12, float("inf"), False),
+    "lr": (1e-12, FLOAT32_LIMIT, False),
     "momentum": (0.0, 1.0, False),
-    "weight_decay": (0.0, float("inf"), False),
-    "l1": (0.0, float("inf"), False),
+    "weight_decay": (0.0, FLOAT32_LIMIT, False),
+    "l1": (0.0, FLOAT32_LIMIT, False),
     "warmup_epochs": (0.0, float("inf"), False),
     "label_smoothing": (0.0, 1.0, False),
-    "grad_clip": (0.0, float("inf"), False),
+    "grad_clip": (0.0, FLOAT32_LIMIT, False),
     "batch_size": (1, float("inf"), False),
     "epochs": (1, float("inf"), False),
     "early_stopping": (0, float("inf"), False),
-    "val_size": (1, float("inf"), False),  # every choice is made on validation data
-    "threads": (0, float("inf"), False),
+    "val_size": (1, float("inf"), False),  # every choice is made on validation data; the data set caps it
+    "threads": (0, 1024, True),
+    # Seeds seed torch and numpy generators; numpy's take 0 .. 2**32 - 1.
+    "seed": (0, 2**32, False),
+    "split_seed": (0, 2**32, False),
 }
 
 
@@ -93,12 +99,17 @@ class RunConfig:
             _check_value(f.name, getattr(self, f.name))
         if self.schedule == "onecycle" and self.warmup_epochs > 0:
             raise ConfigError("schedule=onecycle has its own warm-up (the first 25% of steps); set warmup_epochs=0")
+        if self.norm == "batch" and self.batch_size < 2:
+            raise ConfigError(
+                f"batch_size={self.batch_size} with norm=batch: batch norm needs at least 2 images per batch; "
+                "set batch_size >= 2 or norm=none"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build a config: the preset named in `values` (default modern), then the other values."""
         values = dict(values)
-        unknown = sorted(set(values) - set(FIELD_TYPES))
+        unknown = sorted((k for k in values if k not in FIELD_TYPES), key=str)
         if unknown:
             raise ConfigError(_unknown_message(unknown))
         preset = str(values.get("preset", "modern"))
@@ -204,10 +215,10 @@ PRESETS.update(_technique_presets())
 CHOICES["preset"] = tuple(PRESETS)
 
 
-def _unknown_message(unknown: list[str]) -> str:
+def _unknown_message(unknown: list[Any]) -> str:
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
+        close = difflib.get_close_matches(str(key), FIELD_TYPES, n=1)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"unknown run setting {', '.join(hints)}; valid settings: {', '.join(FIELD_TYPES)} (see `lenet params`)"
 
@@ -216,6 +227,8 @@ def _coerce(key: str, value: Any) -> Any:
     """Convert strings from the command line and numpy scalars from sweeps to the field's type."""
     kind = FIELD_TYPES[key]
     try:
+        if value is None or isinstance(value, (list, dict)) or (kind is not str and isinstance(value, bool)):
+            raise ValueError  # YAML's ~, [..], {..} and yes/true are never a setting's value
         if kind is str:
             return str(value)
         if kind is int:
@@ -226,9 +239,9 @@ def _coerce(key: str, value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         example = RunConfig.__dataclass_fields__[key].default
+        wanted = {str: "a single value", int: "a whole number", float: "a number"}[kind]
         raise ConfigError(
-            f"{key}={value!r} is not a valid {kind.__name__}; "
-            f"give {'a whole' if kind is int else 'a'} number, e.g. {key}={example}"
+            f"{key}={value!r} is not a valid {kind.__name__}; give {wanted}, e.g. {key}={example}"
         ) from None
 
 
@@ -238,7 +251,7 @@ def _check_value(key: str, value: Any) -> None:
     if key in RANGES:
         low, high, inclusive = RANGES[key]
         if not (low <= value < high or (inclusive and value == high)):
-            upper = f"<= {high}" if inclusive else f"< {high}"
+            upper = "finite" if high == float("inf") else f"<= {high}" if inclusive else f"< {high}"
             raise ConfigError(f"{key}={value!r} is out of range; it must be >= {low} and {upper}")
 
 
@@ -254,13 +267,19 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def read_yaml(path: Path, what: str, error: type[LenetError]) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes `error` naming `what` it is."""
+    """Parse a YAML file; a missing, unreadable or binary file or a syntax error becomes `error` naming `what`."""
     import yaml
 
     try:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder; give the path of a YAML file") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not a text file (not UTF-8); give a YAML file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__}); check the path") from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())}); fix its syntax") from None
 
@@ -272,10 +291,13 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of setting: value, e.g. 'lr: 0.01'")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(
+            f"config file {path}: key {odd[0]!r} is not a setting name; write setting: value, e.g. 'lr: 0.01'"
+        )
     return {
-        k: (v["value"] if isinstance(v, dict) and "value" in v else v)
-        for k, v in data.items()
-        if not str(k).startswith("_")
+        k: (v["value"] if isinstance(v, dict) and "value" in v else v) for k, v in data.items() if not k.startswith("_")
     }
 
 

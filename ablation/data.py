@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ablation.config import RunConfig
-from ablation.errors import DataError
+from ablation.errors import ConfigError, DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BATCHES_DIR = "cifar-10-batches-py"
@@ -103,15 +104,29 @@ def download_cifar10(root: Path) -> Path:
 
     # A cluster without internet can point LENET_CIFAR10_URL at a mirror of the same file (md5 checked).
     url = os.environ.get("LENET_CIFAR10_URL", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
+    created = first_missing(root)  # the folder tree this download creates: removed again if it fails
     try:
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(url, str(root), md5="c58f30108f718f92721af3b95e74349a")
     except Exception as exc:  # urllib, ssl, OSError, RuntimeError(md5): all mean "no usable copy"
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(
-            f"no CIFAR-10 found in {root} and the download from {url} failed ({type(exc).__name__}); "
-            f"put the python batches or an image folder there, or set data_dir= / LENET_DATA_DIR"
+            f"no CIFAR-10 found in {root}{' (the folder does not exist)' if created else ''} and the download "
+            f"from {url} failed ({type(exc).__name__}); put the python batches or an image folder there, "
+            f"or set data_dir= / LENET_DATA_DIR"
         ) from None
     return root / BATCHES_DIR
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -272,10 +287,14 @@ def _fingerprint(source: str, where: Path) -> str:
 
 
 def _write_cache(path: Path, dataset: Dataset) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Best effort: a cache that cannot be written (read-only, full disk) only means decoding again next time."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({**dataset.__dict__, "classes": list(dataset.classes)}, tmp)
-    tmp.replace(path)  # atomic: concurrent workers never read a half-written cache
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**dataset.__dict__, "classes": list(dataset.classes)}, tmp)
+        tmp.replace(path)  # atomic: concurrent workers never read a half-written cache
+    except (OSError, RuntimeError):  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path) -> Dataset:
@@ -284,6 +303,25 @@ def _read_cache(path: Path) -> Dataset:
         return Dataset(**{**raw, "classes": tuple(raw["classes"])})
     except Exception:
         raise DataError(f"corrupt dataset cache {path}; delete it and run again to rebuild it") from None
+
+
+def check_split(config: RunConfig, dataset: Dataset) -> None:
+    """`val_size` must leave training images (2 with batch norm: it needs 2 images per batch) and the
+    validation set non-empty; checked as soon as the data is loaded, before a run starts."""
+    n, need = len(dataset.train_y), 2 if config.norm == "batch" else 1
+    left = n - config.val_size
+    if left >= need:
+        return
+    why = " (batch norm needs at least 2)" if config.norm == "batch" else ""
+    if n - need < 1:
+        raise ConfigError(
+            f"the training set of {dataset.name} has only {n} images; a run needs {need + 1} "
+            f"({need} to train{why}, 1 to validate): use a bigger data set"
+        )
+    raise ConfigError(
+        f"val_size={config.val_size} leaves {max(left, 0)} of the {n} training images of {dataset.name} "
+        f"for training{why}; set val_size <= {n - need}"
+    )
 
 
 def split_train_val(dataset: Dataset, val_size: int, split_seed: int) -> tuple[torch.Tensor, ...]:

@@ -35,3 +35,16 @@ class StoreError(LenetError):
 
 class OutputError(LenetError):
     """An output path that cannot be written: read-only, a file where a folder belongs, or a full disk."""
+
+
+class StoreWriteError(StoreError, OutputError):
+    """The store's disk is full or read-only: the file is intact and readable, but nothing can be written now."""
+
+
+class Interrupted(LenetError):
+    """Stopped by SIGTERM or SIGINT after cleaning up; the CLI then ends by that signal (shells show 128 + signum)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -43,12 +43,34 @@ def leading_comment(text: str) -> str:
 
 def validate_sweep(config: dict[str, Any]) -> None:
     """Check a sweep config with W&B's own schema and against RunConfig; raise one SweepError listing all problems."""
-    params = config.get("parameters")
-    readable = isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values())
-    # Our checks first where they can run: their messages name the fix; W&B's schema then checks the rest.
-    problems = (parameter_problems(config) if readable else []) or schema_problems(config)
+    # Our checks first: their messages name the fix; W&B's schema then checks the rest.
+    problems = shape_problems(config) or parameter_problems(config) or schema_problems(config)
     if problems:
         raise SweepError("invalid sweep: " + "; ".join(problems))
+
+
+def shape_problems(config: dict[str, Any]) -> list[str]:
+    """Parameters, specs, `values` and `metric` of the wrong kind (a list where a mapping belongs, ...)."""
+    params = config.get("parameters")
+    if params is None:
+        return ["parameters is missing; give a mapping of setting name to a spec, e.g. lr: {values: [0.01, 0.1]}"]
+    if not isinstance(params, dict) or not params:
+        return [
+            f"parameters must be a non-empty mapping of setting name to a spec, e.g. lr: {{values: [0.01, 0.1]}} "
+            f"(got {type(params).__name__} {params!r:.40})"
+        ]
+    problems = []
+    for name, spec in params.items():
+        if not isinstance(name, str):
+            problems.append(f"parameter name {name!r} is not a setting name; use names like lr (see `lenet params`)")
+        elif not isinstance(spec, dict):
+            problems.append(f"parameter {name!r} must be a mapping such as {{values: [...]}} or {{value: x}}")
+        elif "values" in spec and not isinstance(spec["values"], list):
+            problems.append(f"parameter {name!r}: values must be a list, e.g. values: [{spec['values']!r}]")
+    metric = config.get("metric")
+    if metric is not None and not isinstance(metric, dict):
+        problems.append(f"metric must be a mapping such as {{name: val/acc, goal: maximize}}, not {metric!r}")
+    return problems
 
 
 def schema_problems(config: dict[str, Any]) -> list[str]:
@@ -76,7 +98,7 @@ def parameter_problems(config: dict[str, Any]) -> list[str]:
             problems.append(_unknown(name))
         else:
             problems += _value_problems(name, spec, config.get("method"))
-    metric = config.get("metric", {}).get("name")
+    metric = (config.get("metric") or {}).get("name")
     if metric is not None and metric not in EPOCH_METRICS + SUMMARY_METRICS:
         problems.append(f"metric {metric!r} is never logged; use one of {', '.join(EPOCH_METRICS + SUMMARY_METRICS)}")
     if config.get("early_terminate") and metric not in EPOCH_METRICS:

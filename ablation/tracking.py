@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import netrc
 import os
-from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from ablation.errors import TrackingError
+
+# W&B summaries of the per-epoch metrics: the best epoch's value, not the last one, so W&B's sweep table and
+# parallel coordinates rank runs as our tables do (best/val_acc, test/acc of the best-val checkpoint).
+SUMMARIES = {"val/acc": "max", "val/loss": "min"}
 
 
 class Logger(Protocol):
@@ -71,10 +72,11 @@ class FanOut:
 
 
 class WandbLogger:
-    """Logs to an already started W&B run (online or offline)."""
+    """Logs to an already started W&B run (online or offline), with `epoch` as every metric's x-axis."""
 
     def __init__(self, run: Any) -> None:
         self.run = run
+        declare_metrics(run)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**metrics, "epoch": step}, step=step)
@@ -86,16 +88,26 @@ class WandbLogger:
         self.run.summary.update(metrics)
 
 
+def declare_metrics(run: Any) -> None:
+    """`epoch` is the step metric of every metric; accuracy/loss summaries keep the best epoch (`SUMMARIES`)."""
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    for name, summary in SUMMARIES.items():
+        run.define_metric(name, step_metric="epoch", summary=summary)
+
+
 def wandb_logged_in() -> bool:
-    """True when W&B credentials exist (WANDB_API_KEY or a netrc entry for the W&B host)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
-    path = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    """True when W&B has credentials (WANDB_API_KEY, `wandb login`, settings), as W&B itself looks them up;
+    never prompts and never asks the server."""
+    import wandb
+
+    wandb.setup(wandb.Settings(silent=True))  # a non-silent login() asks the server who is logged in, to say so
     try:
-        return path.exists() and netrc.netrc(str(path)).authenticators(host) is not None
-    except (netrc.NetrcParseError, OSError):
-        return False
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception as exc:  # a malformed key (wandb.errors.AuthenticationError)
+        raise TrackingError(
+            f"W&B credentials are unusable ({one_line(exc)}); run `wandb login --relogin` or unset WANDB_API_KEY"
+        ) from None
 
 
 def wandb_mode(requested: str) -> str:
@@ -105,19 +117,24 @@ def wandb_mode(requested: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
 
 
-def start_wandb(config: dict[str, Any], mode: str, project: str, **kwargs: Any) -> Any:
-    """Start a W&B run in `mode` (online, offline or disabled) with the run config."""
+def start_wandb(config: dict[str, Any], mode: str, project: str, console: str = "wrap", **kwargs: Any) -> Any:
+    """Start a W&B run in `mode` (online, offline or disabled) with the run config.
+
+    `console="wrap"` keeps the process's console output (crash tracebacks included) as the run's output.log:
+    a run started by `lenet train`, e.g. under a stock `wandb agent`, has no other record of why it crashed.
+    "off" suits processes whose console is not the run's own (local-engine workers)."""
     import wandb
 
-    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    settings = wandb.Settings(silent=True, console=console, x_disable_stats=True)
     try:
         return wandb.init(project=project, config=config, mode=mode, settings=settings, **kwargs)
     except Exception as exc:  # wandb raises many types (CommError, UsageError, timeouts)
         raise TrackingError(
-            f"could not start a W&B {mode} run ({type(exc).__name__}: {_one_line(exc)}); "
+            f"could not start a W&B {mode} run ({type(exc).__name__}: {one_line(exc)}); "
             f"run `wandb login`, or use --wandb offline"
         ) from None
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
+    """An exception's message on one line, at most 200 characters (W&B's errors run to many lines)."""
     return " ".join(str(exc).split())[:200]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablation.config import RunConfig
-from ablation.data import Batches, Dataset, channel_stats, load_dataset, split_train_val
+from ablation.data import Batches, Dataset, channel_stats, check_split, load_dataset, split_train_val
 from ablation.errors import CheckpointError, ConfigError
 from ablation.model import build_model, count_parameters
+from ablation.paths import output_error
 from ablation.tracking import Logger
 
 THRESHOLDS = (50, 60, 70)  # val accuracy (%) whose first epoch is reported as convergence speed
@@ -112,6 +115,7 @@ class Trainer:
     batches: Batches
     dtype: torch.dtype | None
     logger: Logger
+    stop_now: Callable[[], bool] | None = None  # asked before every batch: a prompt stop (SIGTERM, Ctrl-C)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
 
@@ -154,13 +158,16 @@ class Trainer:
             "record": record.dump(),
         }
 
-    def epoch(self) -> tuple[float, float, int]:
-        """Train one epoch: (mean loss, accuracy %, images seen); stats are synced once, at the end."""
+    def epoch(self) -> tuple[float, float, int] | None:
+        """Train one epoch: (mean loss, accuracy %, images seen), or None when `stop_now` cut it short;
+        stats are synced once, at the end."""
         self.model.train()
         total_loss = torch.zeros((), device=self.batches.images.device)
         total_correct = torch.zeros((), device=self.batches.images.device)
         seen = 0
         for i, (x, y) in enumerate(self.batches):
+            if self.stop_now is not None and self.stop_now():
+                return None
             loss, correct = self.step(x, y)
             total_loss += loss
             total_correct += correct
@@ -171,6 +178,7 @@ class Trainer:
 
 def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[Batches, Batches, Batches]:
     """Train/val/test batch streams, all uint8-resident on `device`, normalised with train-split stats."""
+    check_split(config, dataset)
     train_x, train_y, val_x, val_y = split_train_val(dataset, config.val_size, config.split_seed)
     mean, std = channel_stats(train_x)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -199,11 +207,14 @@ def train(
     dataset: Dataset | None = None,
     resume: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    stop_now: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train one run; log every epoch; return the summary (test metrics are of the best-val checkpoint).
 
     With `checkpoint_dir`, best.pt and a resumable last.pt are written every epoch; `resume` continues
-    from last.pt. `should_stop` is asked after every epoch (sweep stops, hyperband)."""
+    from last.pt. `should_stop` is asked after every epoch (sweep stops, hyperband), `stop_now` before every
+    batch (signals): either ends the run as `stopped`. An epoch cut short is dropped (not logged, and last.pt
+    keeps the last whole epoch, so a resume is still exact)."""
     start = time.perf_counter()
     device = resolve_device(config.device)
     torch.set_num_threads(cpu_threads(config.threads))
@@ -212,13 +223,18 @@ def train(
     train_b, val_b, test_b = prepare(config, dataset, device)
     torch.manual_seed(config.seed)
     model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))
-    trainer = Trainer(config, model, train_b, dtype, logger)
+    trainer = Trainer(config, model, train_b, dtype, logger, stop_now)
     record = Record(config)
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     first = restore(last, config, trainer, record) + 1 if resume and last and last.exists() else 1
+    cut_short = False
     for epoch in range(first, config.epochs + 1):
         tick = time.perf_counter()
-        train_loss, train_acc, seen = trainer.epoch()
+        result = trainer.epoch()
+        if result is None:
+            record.state, cut_short = "stopped", True
+            break
+        train_loss, train_acc, seen = result
         val_loss, val_acc = evaluate(model, val_b, dtype)
         seconds = time.perf_counter() - tick
         metrics = {
@@ -233,7 +249,7 @@ def train(
         logger.log(metrics, epoch)
         if record.add(epoch, metrics, model) and checkpoint_dir:
             save_checkpoint(checkpoint_dir / "best.pt", model, config, dataset, record.summary(), epoch, train_b)
-        stop = record.should_stop(should_stop)
+        stop = record.should_stop(lambda: bool(stop_now and stop_now()) or bool(should_stop and should_stop()))
         if last:
             save_checkpoint(
                 last, model, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record)
@@ -249,7 +265,7 @@ def train(
         torch=str(torch.__version__),
         python=platform.python_version(),
     )
-    if last:
+    if last and not cut_short:  # the weights of a cut-short epoch are not a resumable state
         save_checkpoint(last, model, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
     logger.summary(summary)
     return summary
@@ -387,8 +403,8 @@ def save_checkpoint(
     resume: dict[str, Any] | None = None,
 ) -> None:
     """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only);
-    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly.
+    Written to a temporary file, then renamed: a failed write (full disk) leaves the old file and no temporary."""
     payload = {
         "model": model.state_dict(),
         "config": config.to_dict(),
@@ -402,40 +418,101 @@ def save_checkpoint(
     }
     if resume is not None:
         payload["resume"] = resume
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: torch's own file writer turns a full disk into a RuntimeError
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(buffer.getbuffer())
+        tmp.replace(path)
+    except BaseException as exc:  # a stop signal may land here too
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc, "checkpoint", "choose another --out (lenet train) or LENET_HOME") from None
+        raise
+
+
+# What every checkpoint holds, with the type each entry must have.
+CHECKPOINT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "config": dict,
+    "classes": list,
+    "mean": torch.Tensor,
+    "std": torch.Tensor,
+    "epoch": int,
+    "dataset": str,
+}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only=True: no code runs from the file)."""
+    """Read a checkpoint safely (weights_only=True: no code runs from the file) and check its entries."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a best.pt or last.pt in it")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd files; the one-line error below says it all
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a best.pt or last.pt") from None
     except Exception as exc:
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(exc).__name__}); it is corrupt or not a lenet checkpoint"
         ) from None
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise CheckpointError(f"{path} is not a lenet checkpoint (no model weights and config in it)")
+    problem = checkpoint_problem(payload)
+    if problem:
+        raise CheckpointError(
+            f"{path} is not a usable lenet checkpoint ({problem}); pass a best.pt or last.pt written by `lenet train`"
+        )
     return payload
+
+
+def checkpoint_problem(payload: Any) -> str | None:
+    """What is missing or malformed in a loaded checkpoint, or None."""
+    if not isinstance(payload, dict):
+        return f"it holds a {type(payload).__name__}, not a mapping"
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in payload:
+            return f"no {key!r} entry"
+        if not isinstance(payload[key], kind):
+            return f"{key!r} is a {type(payload[key]).__name__}"
+    if not payload["classes"] or not all(isinstance(c, str) for c in payload["classes"]):
+        return "'classes' must be a non-empty list of class names"
+    if any(payload[k].numel() != 3 for k in ("mean", "std")):
+        return "'mean' and 'std' must hold one value per colour channel"
+    return None
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint's weights on the test set of its own data, or of the data `overrides` name."""
     payload = load_checkpoint(path)
+    try:
+        RunConfig.from_dict(payload["config"])
+    except ConfigError as exc:  # the checkpoint's own config, not the user's overrides, is at fault
+        raise CheckpointError(f"checkpoint {path} holds a config this version rejects ({exc})") from None
     config = RunConfig.from_dict({**payload["config"], **(overrides or {})})
     device = resolve_device(config.device)
     torch.set_num_threads(cpu_threads(config.threads))
     dataset = load_dataset(config)
-    model = build_model(config, len(payload["classes"])).to(device, memory_format=memory_format(config))
-    model.load_state_dict(payload["model"])
+    classes = tuple(payload["classes"])
+    if dataset.classes != classes:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on the classes {', '.join(classes)}, but {dataset.name} has "
+            f"{', '.join(dataset.classes)}; evaluate it on data with the same classes"
+        )
+    model = build_model(config, len(classes)).to(device, memory_format=memory_format(config))
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing, extra, misshapen or non-tensor entries
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"checkpoint {path}'s weights do not fit LeNet-5 with its config ({first}); it is not a lenet checkpoint"
+        ) from None
     test = Batches(
         dataset.test_x.to(device).contiguous(),
         dataset.test_y.to(device),
-        payload["mean"].to(device),
-        payload["std"].to(device),
+        payload["mean"].float().view(1, 3, 1, 1).to(device),
+        payload["std"].float().view(1, 3, 1, 1).to(device),
         EVAL_BATCH,
         memory_format=memory_format(config),
     )

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ablation.config import FIELD_TYPES, RunConfig
 from ablation.errors import ConfigError, LenetError
+from ablation.paths import write_text
 
 BUNDLE_FORMAT = "lenet-results/1"
 COUNTED = ("finished", "stopped_early")
@@ -54,7 +55,7 @@ class Results:
 
 
 def full_config(params: dict[str, Any]) -> dict[str, Any]:
-    """Every RunConfig field for a run's sweep parameters (its preset filled in)."""
+    """Every RunConfig field for a run's sweep parameters (its preset filled in, as the presets are today)."""
     try:
         return RunConfig.from_dict({k: v for k, v in params.items() if k in FIELD_TYPES}).to_dict()
     except ConfigError:
@@ -65,8 +66,46 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+# What every run record holds, with the type each entry must have (summary and history are optional).
+RECORD_KEYS: dict[str, type] = {"id": str, "sweep_id": str, "state": str, "config": dict}
+
+
+def records_problem(records: Any, sweeps: Any) -> str | None:
+    """What is missing or malformed in run records and sweep descriptions, or None."""
+    if not isinstance(sweeps, dict):
+        return "'sweeps' is not a mapping of sweep id to name, backend and config"
+    for sweep_id, meta in sweeps.items():
+        if not isinstance(meta, dict) or not all(k in meta for k in ("name", "backend", "config")):
+            return f"sweep {sweep_id!r} lacks its name, backend or config"
+        params = meta["config"].get("parameters") if isinstance(meta["config"], dict) else None
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            return f"sweep {sweep_id!r} has no sweep config with parameters"
+    if not isinstance(records, list):
+        return "'runs' is missing or not a list of run records"
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            return f"run {i} is not a mapping (it is {type(record).__name__} {record!r:.40})"
+        name = record.get("id", i)
+        for key, kind in RECORD_KEYS.items():
+            if key not in record:
+                return f"run {name!r} has no {key!r}"
+            if not isinstance(record[key], kind):
+                return f"run {name!r}: {key!r} is not a {kind.__name__}"
+        if not isinstance(record.get("summary") or {}, dict):
+            return f"run {name!r}: 'summary' is not a mapping"
+        history = record.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            return f"run {name!r}: 'history' is not a list of per-epoch mappings"
+        if record["sweep_id"] not in sweeps:
+            return f"run {name!r} belongs to sweep {record['sweep_id']!r}, which 'sweeps' does not describe"
+    return None
+
+
 def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]]) -> Results:
     """Results from bundle-shaped run records (id, sweep_id, state, error, attempts, config, summary, history)."""
+    problem = records_problem(records, sweeps)
+    if problem:
+        raise ResultsError(f"malformed results: {problem}")
     rows, history = [], []
     for r in records:
         # The summary's own state/params/seed-like keys would shadow the run's columns.
@@ -90,7 +129,8 @@ def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]
 
 
 def from_store(store: Any, sweep_id: str) -> Results:
-    """A local sweep's runs from the SQLite store."""
+    """A local sweep's runs from the SQLite store, each with the full config stored when it was claimed (rebuilt
+    from today's presets only for runs claimed before the store kept configs, or not claimed yet)."""
     sweep = store.sweep(sweep_id)
     records = [
         {
@@ -100,7 +140,7 @@ def from_store(store: Any, sweep_id: str) -> Results:
             "error": r["error"],
             "attempts": r["attempts"],
             "params": r["params"],
-            "config": full_config(r["params"]),
+            "config": r.get("config") or full_config(r["params"]),
             "summary": r["summary"],
             "history": store.history(r["id"]),
         }
@@ -117,32 +157,62 @@ def _sweep_meta(sweep: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+WANDB_PAGE = 200  # runs per API page; histories are read one page per run (a run logs one row per epoch)
+
+
 def from_wandb(path: str) -> Results:
-    """A W&B sweep's runs through the public API (`entity/project/sweep_id`)."""
+    """A W&B sweep's runs through the public API (`entity/project/sweep_id`, or `project/sweep_id` for the
+    default entity): the runs in bulk (one query per page), then each run's full history."""
     import wandb
 
+    from ablation.tracking import one_line, wandb_logged_in
+
+    if not wandb_logged_in():  # else wandb.Api() may stop to prompt for a key
+        raise ResultsError(f"reading W&B sweep {path} needs a W&B login; run `wandb login` (or set WANDB_API_KEY)")
     try:
-        sweep = wandb.Api().sweep(path)
-    except Exception as exc:
-        raise ResultsError(
-            f"cannot read W&B sweep {path} ({type(exc).__name__}); check the path and `wandb login`"
-        ) from None
-    records = []
-    for run in sweep.runs:
-        config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
-        records.append(
-            {
-                "id": run.id,
-                "sweep_id": sweep.id,
-                "state": run.summary.get("state", run.state),
-                "params": config,
-                "config": full_config(config),
-                "summary": dict(run.summary._json_dict),
-                "history": [dict(h) for h in run.scan_history()],
-            }
+        api = wandb.Api()
+        sweep = api.sweep(path)
+        runs = list(
+            api.runs(f"{sweep.entity}/{sweep.project}", filters={"sweep": sweep.id}, per_page=WANDB_PAGE, lazy=False)
         )
-    meta = {"name": sweep.config.get("name") or sweep.id, "backend": "wandb", "config": dict(sweep.config)}
+        records = [_wandb_record(run, sweep.id) for run in runs]
+    except LenetError:
+        raise
+    except Exception as exc:  # wandb raises many types (CommError, UsageError, ValueError, timeouts)
+        raise ResultsError(
+            f"cannot read W&B sweep {path} ({type(exc).__name__}: {one_line(exc)}); "
+            "check the path (entity/project/sweep_id) and `wandb login`"
+        ) from None
+    config = dict(sweep.config)
+    meta = {"name": config.get("name") or sweep.id, "backend": "wandb", "config": config}
     return from_records(records, {sweep.id: meta})
+
+
+def _wandb_record(run: Any, sweep_id: str) -> dict[str, Any]:
+    """One W&B run as a bundle-shaped record (W&B's own `_` keys dropped; `{max: x}` summaries flattened)."""
+    config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+    summary = flat_summary({k: v for k, v in dict(run.summary_metrics).items() if not k.startswith("_")})
+    history = [{k: v for k, v in row.items() if not k.startswith("_")} for row in run.scan_history(page_size=1000)]
+    return {
+        "id": run.id,
+        "sweep_id": sweep_id,
+        "state": summary.get("state") or run.state,  # ours (finished, stopped, diverged...) else W&B's (crashed...)
+        "params": config,
+        "config": full_config(config),
+        "summary": summary,
+        "history": history,
+    }
+
+
+def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A W&B summary as flat columns: `{"val/acc": {"max": 61.2}}` (a define_metric summary) -> `val/acc.max`."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        else:
+            out[key] = value
+    return out
 
 
 def to_bundle(results: Results) -> dict[str, Any]:
@@ -188,9 +258,9 @@ def _missing(value: Any) -> bool:
 
 
 def write_bundle(results: Results, path: Path) -> None:
-    """Write `to_bundle` as JSON (NaN/inf stored as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_bundle(results), indent=1, default=_json_default))
+    """Write `to_bundle` as JSON (NaN/inf stored as null), atomically."""
+    text = json.dumps(to_bundle(results), indent=1, default=_json_default)
+    write_text(path, text, "results bundle", "give a writable file path, e.g. results/sweep.json")
 
 
 def _json_default(value: Any) -> Any:
@@ -200,19 +270,28 @@ def _json_default(value: Any) -> Any:
 
 
 def read_bundle(path: Path) -> Results:
-    """Read a bundle written by `lenet sweep export`."""
+    """Read a bundle written by `lenet sweep export`; a missing, malformed or foreign file is one ResultsError."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ResultsError(
             f"bundle {path} does not exist; give a sweep id or a file from `lenet sweep export`"
         ) from None
+    except IsADirectoryError:
+        raise ResultsError(f"bundle {path} is a folder; give a .json file from `lenet sweep export`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResultsError(f"bundle {path} is not valid JSON ({exc}); export it again") from None
+    except OSError as exc:
+        raise ResultsError(
+            f"cannot read bundle {path} ({exc.strerror or type(exc).__name__}); check the path"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise ResultsError(
             f"{path} is not a lenet results bundle (format {BUNDLE_FORMAT}); export it with `lenet sweep export`"
         )
+    problem = records_problem(data.get("runs"), data.get("sweeps"))
+    if problem:
+        raise ResultsError(f"bundle {path} is malformed ({problem}); export it again with `lenet sweep export`")
     return from_records(data["runs"], data["sweeps"])
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import Result
 from torchvision.io import write_png
+from typer.testing import CliRunner
 
 from ablation.data import CIFAR10_CLASSES
 
@@ -91,3 +95,33 @@ def folder_dir(tmp_path: Path) -> Path:
 
 # Settings that make a real training run take well under a second on the tiny data.
 TINY = {"val_size": 20, "batch_size": 32, "epochs": 1, "device": "cpu"}
+
+
+def lenet(*args: object, env: dict[str, str] | None = None) -> Result:
+    """Run `lenet ARGS` in this process (Typer's CliRunner); `output` holds stdout and stderr together."""
+    from cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def output_lines(result: Result) -> list[str]:
+    """The non-empty lines a command printed (stdout and stderr)."""
+    return [line for line in result.output.splitlines() if line.strip()]
+
+
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `path` with mount `options` ("ro": read-only; "size=64k": a small disk to fill).
+    File permissions cannot fake these (tests run as root, which ignores them); skips the test, with the
+    reason, where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("cannot mount a tmpfs here (no mount command)")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'mounting needs root'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

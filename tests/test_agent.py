@@ -192,7 +192,7 @@ def test_unknown_sweep_id_and_corrupt_store(tmp_path: Path) -> None:
         sidecar.unlink()
     db.write_bytes(b"garbage" * 1000)
     result = lenet("sweep", "ls")
-    assert result.exit_code == 1 and "corrupt or not a lenet store" in result.output
+    assert result.exit_code == 1 and "lenet.db is not a SQLite file" in result.output
 
 
 def test_wandb_backend_without_login_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

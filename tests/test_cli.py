@@ -3,17 +3,9 @@
 from pathlib import Path
 
 import pytest
-from conftest import TINY
-from typer.testing import CliRunner
+from conftest import TINY, lenet
 
-from cli import app
-
-runner = CliRunner()
 TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
-
-
-def lenet(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_no_args_shows_help() -> None:
@@ -75,34 +67,7 @@ def test_params_lists_every_setting() -> None:
         assert name in result.output
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["bogus=1"], "unknown run setting 'bogus'"),
-        (["activation=swish"], "activation='swish' is not valid; choose one of"),
-        (["lr=-1"], "lr=-1.0 is out of range"),
-        (["epochs=ten"], "epochs='ten' is not a valid int"),
-        (["lr"], "write settings as key=value"),
-        (["data=folder", "data_dir=/nonexistent/cifar"], "no image folder"),
-    ],
-)
-def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
-    result = lenet("train", *args, "--wandb", "disabled")
-    assert result.exit_code != 0
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
-
-
-def test_corrupt_batch_is_a_clear_error(batches_dir: Path) -> None:
-    (batches_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02garbage")
-    result = lenet("train", *TINY_ARGS, f"data_dir={batches_dir}", "--wandb", "disabled")
-    assert result.exit_code == 1 and "corrupt CIFAR-10 batch" in result.output and "data_batch_2" in result.output
-
-
-def test_missing_checkpoint(tmp_path: Path) -> None:
-    result = lenet("test", tmp_path / "nope.pt")
-    assert result.exit_code == 1 and "does not exist" in result.output
+# Bad settings, files and paths: tests/test_bad_inputs.py (the catalogue, one line and an exit code each).
 
 
 def test_diverged_run_exits_non_zero_with_metrics(batches_dir: Path, tmp_path: Path) -> None:

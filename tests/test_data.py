@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, make_images
 
 from ablation.config import RunConfig
-from ablation.data import Batches, gather_batch, load_dataset, read_batches, split_train_val, synthetic_dataset
-from ablation.errors import DataError
+from ablation.data import (
+    Batches,
+    check_split,
+    gather_batch,
+    load_dataset,
+    read_batches,
+    split_train_val,
+    synthetic_dataset,
+)
+from ablation.errors import ConfigError, DataError
 
 
 def config(**values) -> RunConfig:
@@ -108,6 +116,18 @@ def test_split_is_fixed_and_disjoint() -> None:
         split_train_val(ds, 200, 0)
 
 
+def test_split_leaves_a_batch_norm_batch_to_train_on() -> None:
+    ds = synthetic_dataset(10, 2)
+    check_split(config(val_size=9, norm="none"), ds)  # one image trains without batch norm
+    check_split(config(val_size=8), ds)  # the two left form one batch of 2 (batch_size > 2 takes all of them)
+    with pytest.raises(ConfigError, match="val_size=9 leaves 1 of the 10 training images .*batch norm.* val_size <= 8"):
+        check_split(config(val_size=9), ds)
+    with pytest.raises(ConfigError, match="val_size=10 leaves 0 of the 10 training images of synthetic for training;"):
+        check_split(config(val_size=10, norm="none"), ds)
+    with pytest.raises(ConfigError, match="only 2 images; a run needs 3"):
+        check_split(config(val_size=1), synthetic_dataset(2, 2))
+
+
 def reference_crop_flip(image: torch.Tensor) -> list[torch.Tensor]:
     """Every crop (reflect pad 4) and flip of one image, the slow obvious way."""
     padded = F.pad(image[None].float(), (4, 4, 4, 4), mode="reflect")[0].to(torch.uint8)
@@ -145,6 +165,10 @@ def test_batches_normalise_and_drop_last() -> None:
     )
     seen = torch.cat([y for _, y in train])
     assert len(train) == 2 and len(seen) == 64 and len(set(seen.tolist())) == 64
+    ragged = Batches(images[:65], labels[:65], mean, std, 32, drop_last=True)  # 65 = 2 x 32 + 1
+    assert [len(y) for _, y in ragged] == [32, 32], "no training batch of 1 (batch norm cannot use it)"
+    small = Batches(images[:5], labels[:5], mean, std, 32, drop_last=True)
+    assert [len(y) for _, y in small] == [5], "fewer images than batch_size: one batch of all of them"
     evaluation = Batches(images, labels, mean, std, 32)
     x, y = next(iter(evaluation))
     assert torch.allclose(x, (images[:32].float() - 127.5) / 64) and len(evaluation) == 3
@@ -184,8 +208,13 @@ def test_cached_load_of_corrupt_cache(folder_dir: Path, tmp_path: Path) -> None:
 
 def test_failed_download_says_where_to_put_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LENET_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # discard port: refused
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no CIFAR-10 found in .*empty and the download from .* failed .*data_dir="):
         load_dataset(config(data="cifar10", data_dir=tmp_path / "empty"))
+    assert (tmp_path / "empty").is_dir(), "a folder the user made is kept"
+    with pytest.raises(DataError, match="missing/cifar \\(the folder does not exist\\) and the download"):
+        load_dataset(config(data="cifar10", data_dir=tmp_path / "missing" / "cifar"))
+    assert not (tmp_path / "missing").exists(), "a failed download leaves no folder tree behind"
 
 
 def test_channel_stats_are_exact() -> None:

@@ -183,7 +183,7 @@ def test_unknown_sweep_and_corrupt_store(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match="unknown sweep id 'nope'"):
         store.claim("nope", "w")
     (tmp_path / "bad.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="corrupt or not a lenet store"):
+    with pytest.raises(StoreError, match="bad.db is not a SQLite file"):
         Store(tmp_path / "bad.db")
 
 

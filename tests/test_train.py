@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from typer.testing import CliRunner
 
 from ablation.config import CHOICES, RunConfig
 from ablation.model import build_model
 from ablation.tracking import MemoryLogger
 from ablation.train import Record, evaluate_checkpoint, load_checkpoint, lr_factor, make_optimizer, train
+from cli import app
 
 
 def run(data_dir: Path, checkpoint_dir: Path | None = None, **values) -> tuple[dict, MemoryLogger]:
@@ -99,7 +101,7 @@ def test_record_early_stopping() -> None:
     assert record.state == "stopped_early" and record.best["epoch"] == 4  # best is by val accuracy
 
 
-def evaluate_checkpoints_and_lenet_test(folder_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_checkpoints_and_lenet_test(folder_dir: Path, tmp_path: Path) -> None:
     summary, _ = run(folder_dir, checkpoint_dir=tmp_path / "ckpt", epochs=2)
     best = load_checkpoint(tmp_path / "ckpt" / "best.pt")
     last = load_checkpoint(tmp_path / "ckpt" / "last.pt")
@@ -108,6 +110,8 @@ def evaluate_checkpoints_and_lenet_test(folder_dir: Path, tmp_path: Path) -> Non
     assert last["metrics"]["test/acc"] == summary["test/acc"] and last["epoch"] == 2
     result = evaluate_checkpoint(tmp_path / "ckpt" / "best.pt")
     assert result["test/acc"] == pytest.approx(summary["test/acc"])
+    printed = CliRunner().invoke(app, ["test", str(tmp_path / "ckpt" / "best.pt"), "--device", "cpu"])
+    assert printed.exit_code == 0 and f"test accuracy {summary['test/acc']:.2f}%" in printed.output, printed.output
 
 
 def test_schedules() -> None:
