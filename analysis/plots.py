@@ -1,4 +1,4 @@
-"""PNG plots: learning curves with a band over seeds, effect charts with 95% CIs, the classic-to-modern waterfall."""
+"""PNG plots: learning curves with a band over seeds, effect charts with verdicts, the classic-to-modern waterfall."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.results import Results
+from analysis.stats import BASELINE, BETTER, EQUIVALENCE, EQUIVALENT, INCONCLUSIVE, VERDICTS, WORSE
 from analysis.tables import counted, effects, factors, levels
 
 JPEG_NOTE = "CIFAR-10 re-encoded as JPEG (cifar10-jpg)"
@@ -57,40 +58,70 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
     return _save(fig, path)
 
 
-def effect_chart(results: Results, sweep_id: str, path: Path) -> Path:
-    """Per factor (and context), each level's mean val and test accuracy with 95% CI error bars."""
+VERDICT_COLOURS = {
+    BETTER: "tab:green",
+    WORSE: "tab:red",
+    EQUIVALENT: "tab:blue",
+    INCONCLUSIVE: "tab:gray",
+    BASELINE: "black",
+}
+
+
+def effect_chart(results: Results, sweep_id: str, path: Path, equivalence: float = EQUIVALENCE) -> Path:
+    """Per factor (and context), each level's difference from the baseline in val (filled, coloured by its
+    verdict) and test accuracy (hollow) with simultaneous 95% intervals, the ±equivalence band shaded."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
-    table = effects(results, sweep_id)
+    table = effects(results, sweep_id, equivalence)
     panels = list(table.groupby(["factor", "context"], sort=False))
+    rows = [len(group) + 2 for _, group in panels]  # a panel's height follows its levels (+ title and axis)
     fig, axes = plt.subplots(
         len(panels),
         1,
-        figsize=(10, 1.2 + 0.45 * max(len(g) for _, g in panels) * len(panels) + 1.0 * len(panels)),
+        figsize=(10, 1.8 + 0.4 * sum(rows)),
         squeeze=False,
         sharex=True,
+        gridspec_kw={"height_ratios": rows},
     )
     for ax, ((factor, context), group) in zip(axes[:, 0], panels):
-        y = range(len(group))
-        for offset, (metric, colour) in enumerate((("val_acc", "tab:blue"), ("test_acc", "tab:orange"))):
-            ci = [0 if math.isnan(h) else h for h in group[f"{metric}_ci"]]
-            ax.errorbar(
-                group[metric],
-                [i + 0.15 * (offset * 2 - 1) for i in y],
-                xerr=ci,
-                fmt="o",
-                color=colour,
-                capsize=3,
-                label=metric.replace("_", " ").replace("acc", "accuracy"),
-            )
-        ax.set_yticks(list(y), [str(level) for level in group["level"]])
-        ax.invert_yaxis()
-        ax.grid(axis="x", alpha=0.3)
+        _effect_panel(ax, group, equivalence)
         ax.set_title(f"{factor}" + (f" ({context})" if context else ""), fontsize=10)
-        ax.set_xlabel("accuracy (%), mean with 95% CI over seeds")
-        ax.tick_params(labelbottom=True)  # shared x scale, but every panel keeps its numbers
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: effects ({_dataset(results)})")
-    return _save(fig, path)
+    handles = [Patch(color=VERDICT_COLOURS[v], label=v) for v in VERDICTS]
+    handles += [
+        Line2D([], [], marker="o", color="black", linestyle="", label="val (verdict colour)"),
+        Line2D([], [], marker="D", color="tab:gray", markerfacecolor="none", linestyle="", label="test"),
+        Patch(color="tab:blue", alpha=0.15, label=f"±{equivalence:g} equivalence band"),
+    ]
+    fig.legend(handles=handles, fontsize=8, ncol=len(handles), loc="lower center", frameon=False)
+    fig.suptitle(f"{results.sweeps[sweep_id]['name']}: effects vs baseline ({_dataset(results)})")
+    return _save(fig, path, bottom=0.4)
+
+
+def _effect_panel(ax, group: pd.DataFrame, equivalence: float) -> None:
+    """One table: Δ val and Δ test per level with their intervals, the band, and each level's val verdict."""
+    y = list(range(len(group)))
+    ax.axvspan(-equivalence, equivalence, color="tab:blue", alpha=0.15, linewidth=0)
+    ax.axvline(0, color="black", linewidth=0.8)
+    colours = [VERDICT_COLOURS.get(v, "tab:gray") for v in group["verdict"]]
+    for i, (diff, half, colour) in enumerate(zip(group["diff_val_acc"], group["diff_val_acc_ci"], colours)):
+        ax.errorbar(diff, i - 0.12, xerr=0 if math.isnan(half) else half, fmt="o", color=colour, capsize=3)
+    test_ci = [0 if math.isnan(h) else h for h in group["diff_test_acc_ci"]]
+    ax.errorbar(
+        group["diff_test_acc"], [i + 0.12 for i in y], xerr=test_ci, fmt="D", color="tab:gray", mfc="none", capsize=2
+    )
+    names = [
+        f"{level} (baseline, val {mean:.1f}%)" if verdict == BASELINE else str(level)
+        for level, verdict, mean in zip(group["level"], group["verdict"], group["val_acc"])
+    ]
+    ax.set_yticks(y, names)
+    for i, (verdict, colour) in enumerate(zip(group["verdict"], colours)):
+        ax.annotate(verdict, (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=8, color=colour)
+    ax.set_ylim(len(group) - 0.5, -0.5)  # first level on top
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("Δ accuracy vs baseline (points), simultaneous 95% interval")
+    ax.tick_params(labelbottom=True)  # shared x scale, but every panel keeps its numbers
 
 
 def waterfall(results: Results, sweep_id: str, path: Path) -> Path:
@@ -160,9 +191,10 @@ def _dataset(results: Results) -> str:
     return JPEG_NOTE if names == ["cifar10-jpg"] else ", ".join(names) or "no dataset recorded"
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, bottom: float = 0.0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # keep 0.6 in for the suptitle
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom / height, 1, 1 - 0.6 / height))  # keep 0.6 in for the suptitle, `bottom` in
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path

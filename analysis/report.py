@@ -8,9 +8,22 @@ from typing import Any
 
 import pandas as pd
 
+from ablation.errors import TrackingError
+from ablation.paths import output_error, writable_dir, write_text
+from ablation.tracking import one_line
 from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, search_progress, waterfall
-from analysis.results import Results
-from analysis.tables import best_configs, effects, factors, format_effects, search_table, seed_table, step_gains
+from analysis.results import COUNTED, Results
+from analysis.stats import ADJUSTMENT, EQUIVALENCE, LEGEND
+from analysis.tables import (
+    best_configs,
+    effects,
+    factors,
+    format_effects,
+    model_summary,
+    search_table,
+    seed_table,
+    step_gains,
+)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -30,12 +43,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
+def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float = EQUIVALENCE) -> list[str]:
     """Markdown for one sweep: question, tables, plots; writes its CSV and PNG files into `out`."""
     meta = results.sweeps[sweep_id]
     name = slug(meta["name"])
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
-    table, effect = seed_table(results, sweep_id), effects(results, sweep_id)
+    table, effect = seed_table(results, sweep_id), effects(results, sweep_id, equivalence)
     table.to_csv(out / f"{name}-table.csv", index=False)
     effect.to_csv(out / f"{name}-effects.csv", index=False)
     runs.to_csv(out / f"{name}-runs.csv", index=False)
@@ -54,10 +67,15 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
     ]
     if factors(meta["config"]):
         lines += [
-            "### Effects (95% confidence intervals over seeds; Δ is the difference from the first level, "
-            "the baseline; `within noise` = its CI includes 0)",
+            f"### Effects (Δ: the difference from the first level, the baseline, ± the half-width of its 95% "
+            f"interval simultaneous over the table; verdicts at δ = {equivalence:g} points, see the legend)",
             "",
             markdown(format_effects(effect)),
+            "",
+            "Per table: the model fitted, the pooled residual sd (its degrees of freedom) and the measured seed "
+            "correlation between levels (intra-class correlation of the seed block; – where seeds are not shared).",
+            "",
+            markdown(model_summary(effect)),
             "",
             "### Best configurations (by mean validation accuracy)",
             "",
@@ -66,12 +84,13 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
         ]
         if is_path_study(results, sweep_id):
             lines += [
-                "### Step by step (each technique added to the ones before it; Δ from the previous step)",
+                "### Step by step (each technique added to the ones before it; Δ from the previous step, "
+                "intervals simultaneous over the steps)",
                 "",
-                markdown(step_gains(results, sweep_id)),
+                markdown(step_gains(results, sweep_id, equivalence)),
                 "",
             ]
-        lines += _plots(results, sweep_id, out, name)
+        lines += _plots(results, sweep_id, out, name, equivalence)
     elif meta["config"].get("method") == "grid" and len(runs) > 1:  # one recipe over seeds
         png = learning_curves(results, sweep_id, "seed", out / f"{name}-curves-seed.png")
         lines += [f"![learning curves by seed]({png.name})", ""]
@@ -88,8 +107,8 @@ def sweep_section(results: Results, sweep_id: str, out: Path) -> list[str]:
     return lines
 
 
-def _plots(results: Results, sweep_id: str, out: Path, name: str) -> list[str]:
-    lines = [f"![effects]({effect_chart(results, sweep_id, out / f'{name}-effects.png').name})", ""]
+def _plots(results: Results, sweep_id: str, out: Path, name: str, equivalence: float) -> list[str]:
+    lines = [f"![effects]({effect_chart(results, sweep_id, out / f'{name}-effects.png', equivalence).name})", ""]
     for factor in factors(results.sweeps[sweep_id]["config"]):
         png = learning_curves(results, sweep_id, factor, out / f"{name}-curves-{slug(factor)}.png")
         lines += [f"![learning curves by {factor}]({png.name})", ""]
@@ -102,9 +121,13 @@ def _question(sweep_config: dict[str, Any]) -> str:
     return str(sweep_config.get("description") or sweep_config.get("question") or "")
 
 
-def write_report(results: Results, out: Path, sources: list[str], command: str) -> Path:
-    """report.md (+ CSV and PNG files) for every sweep in `results`."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(
+    results: Results, out: Path, sources: list[str], command: str, equivalence: float = EQUIVALENCE
+) -> Path:
+    """report.md (+ CSV and PNG files) for every sweep in `results`; an unwritable `out` is one OutputError.
+    `equivalence`: the band δ (accuracy points) inside which a difference is too small to matter."""
+    fix = "pass --out a writable folder"
+    writable_dir(out, "report folder", fix)
     datasets = sorted({str(d) for d in results.runs.get("dataset", pd.Series(dtype=str)).dropna()})
     note = f"Dataset: {', '.join(datasets) or 'not recorded'}" + (
         f" — {JPEG_NOTE}: the official images re-encoded at "
@@ -113,47 +136,129 @@ def write_report(results: Results, out: Path, sources: list[str], command: str) 
         else ""
     )
     lines = ["# lenet report", "", note, "", f"Sources: {', '.join(sources)}. Generated by `{command}`.", ""]
-    for sweep_id in results.sweeps:
-        lines += sweep_section(results, sweep_id, out)
+    if any(factors(meta["config"]) for meta in results.sweeps.values()):
+        lines += verdict_legend(equivalence)
+    try:
+        for sweep_id in results.sweeps:
+            lines += sweep_section(results, sweep_id, out, equivalence)
+    except OSError as exc:  # a CSV or PNG write: the disk filled up or the folder went away
+        raise output_error(out, exc, "report folder", fix) from None
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_text(report, "\n".join(lines) + "\n", "report", fix)
     return report
 
 
+def verdict_legend(equivalence: float = EQUIVALENCE) -> list[str]:
+    """The Verdicts paragraph of report.md: the model, the family-wise adjustment, and what each verdict means."""
+    return [
+        "## Verdicts",
+        "",
+        "Each effects table (one factor within one setting of the other factors) is one family. Its runs are fitted "
+        "by OLS as accuracy ~ level + seed when the levels share seeds (the same seed gives the same data order "
+        "and initial weights, so the seed is a block), else accuracy ~ level; the residual variance is pooled over "
+        f"the table. Intervals are simultaneous over the table's comparisons by {ADJUSTMENT} (max-t/Dunnett "
+        "critical values were too slow to compute per table). Verdicts, on validation accuracy (test: the same "
+        f"rule), at δ = {equivalence:g} accuracy points:",
+        "",
+        *(f"- **{name}**: {text.replace('±δ', f'±{equivalence:g}')}" for name, text in LEGEND.items()),
+        "",
+        "`seeds needed`: seeds per level at which the same adjusted rule would resolve an inconclusive "
+        "comparison, from the table's pooled residual sd, if its true difference were the observed one (a "
+        "difference at |Δ| or δ, whichever is larger; equivalence when |Δ| < δ).",
+        "",
+    ]
+
+
+SYNC_NOTE = (
+    "Runs of local-engine sweeps are W&B offline runs until uploaded: their panels fill after "
+    "`wandb sync $LENET_HOME/wandb/offline-run-*` (into the project the sweep was created with)."
+)
+
+
+def swept(sweep_config: dict[str, Any]) -> list[str]:
+    """The parameters a sweep varies, seed aside: a grid's factors, or a search's ranges and value lists."""
+    return [
+        name
+        for name, spec in sweep_config["parameters"].items()
+        if name != "seed" and ("distribution" in spec or "min" in spec or len(spec.get("values", [])) > 1)
+    ]
+
+
 def wandb_report(results: Results, entity: str | None, project: str) -> Any:
-    """A W&B Report (wandb-workspaces): grouped curves, parallel coordinates, importance, comparer, tables."""
+    """A W&B Report (wandb-workspaces; built, not saved): per sweep, curves and best-val bars per factor level,
+    parallel coordinates and importance over the swept parameters, a run comparer, and the tables. `entity`
+    None: W&B's default entity for the login (never "", which would address no one)."""
     import wandb_workspaces.reports.v2 as wr
 
+    try:  # without an entity, wandb-workspaces asks wandb.Api() for the login's default one
+        report = wr.Report(project=project, title="lenet: LeNet-5 ablations", **({"entity": entity} if entity else {}))
+    except Exception as exc:  # not logged in: wandb-workspaces raises a bare Exception
+        raise TrackingError(
+            f"a W&B report needs the W&B entity that will own it ({one_line(exc)}); run `wandb login`, or pass --entity"
+        ) from None
     blocks: list[Any] = [wr.H1(text="LeNet-5 ablations on CIFAR-10"), wr.P(text=JPEG_NOTE)]
+    if any(meta["backend"] != "wandb" for meta in results.sweeps.values()):
+        blocks.append(wr.P(text=SYNC_NOTE))
     for sweep_id, meta in results.sweeps.items():
-        keys = factors(meta["config"])
-        # W&B sweeps filter on Sweep; local sweeps' runs were synced with group = the sweep id.
-        key = "Sweep" if meta["backend"] == "wandb" else "Group"
-        runset = wr.Runset(entity=entity or "", project=project, name=meta["name"], filters=f"{key} = '{sweep_id}'")
-        panels = [
-            wr.LinePlot(
-                title=f"{m} by {keys[0] if keys else 'run'}",
-                x="epoch",
-                y=[m],
-                groupby=f"config.{keys[0]}" if keys else None,
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
+        blocks += _wandb_section(wr, results, sweep_id, meta)
+    report.blocks = blocks
+    return report
+
+
+def _wandb_section(wr: Any, results: Results, sweep_id: str, meta: dict[str, Any]) -> list[Any]:
+    config = meta["config"]
+    keys = factors(config)
+    # W&B sweeps filter on Sweep; local sweeps' runs carry group = the sweep id. Only runs the tables count
+    # (finished, stopped early) enter the panels' means. The run set names no entity/project, like the default
+    # Runset() of wandb-workspaces' own examples: it shows the report's project, and needs no server to build.
+    key = "Sweep" if meta["backend"] == "wandb" else "Group"
+    counted = f"SummaryMetric('state') in {list(COUNTED)!r}"
+    runset = wr.Runset(name=meta["name"], filters=f"Metric('{key}') = '{sweep_id}' and {counted}")
+    columns = [wr.Config(k) for k in swept(config)] + ["best/val_acc", "test/acc"]
+    panels = [*_curves(wr, keys), *_bars(wr, keys, config.get("method") == "grid")]
+    panels += [
+        wr.ParallelCoordinatesPlot(columns=[wr.ParallelCoordinatesPlotColumn(metric=c) for c in columns]),
+        wr.ParameterImportancePlot(with_respect_to="best/val_acc"),  # only swept parameters vary in this run set
+        wr.RunComparer(diff_only="split"),
+    ]
+    tables = [markdown(seed_table(results, sweep_id))]
+    if keys:
+        tables.append(markdown(format_effects(effects(results, sweep_id))))
+    elif config.get("method") != "grid":
+        tables.append(markdown(search_table(results, sweep_id)))
+    return [
+        wr.H2(text=meta["name"]),
+        wr.P(text=_question(config) or f"Sweep {sweep_id} ({meta['backend']}, {config.get('method')})."),
+        wr.PanelGrid(runsets=[runset], panels=panels),
+        *(wr.MarkdownBlock(text=t) for t in tables),
+    ]
+
+
+def _curves(wr: Any, keys: list[str]) -> list[Any]:
+    """Validation curves: mean ± std per level of every factor, or one line per run (seeds, search draws)."""
+    group = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"}
+    return [
+        wr.LinePlot(title=f"{m} by {k}", x="epoch", y=[m], groupby=wr.Config(k), **group)
+        for k in keys
+        for m in ("val/acc", "val/loss")
+    ] or [wr.LinePlot(title=f"{m} per run", x="epoch", y=[m]) for m in ("val/acc", "val/loss")]
+
+
+def _bars(wr: Any, keys: list[str], grid: bool) -> list[Any]:
+    """Best val (and test) accuracy per level, mean with a std error bar; a one-recipe grid: its mean ± std over
+    seeds; a search: nothing (a mean over random draws answers no question)."""
+    group = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"}
+    if keys:
+        return [
+            wr.BarPlot(
+                title=f"best val / test acc by {k} (mean ± std)",
+                metrics=["best/val_acc", "test/acc"],
+                groupby=wr.Config(k),
+                orientation="v",
+                **group,
             )
-            for m in ("val/acc", "val/loss")
+            for k in keys
         ]
-        panels += [
-            wr.ParallelCoordinatesPlot(
-                columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in keys]
-                + [wr.ParallelCoordinatesPlotColumn(metric="best/val_acc")]
-            ),
-            wr.ParameterImportancePlot(with_respect_to="best/val_acc"),
-            wr.RunComparer(diff_only="split"),
-        ]
-        blocks += [
-            wr.H2(text=meta["name"]),
-            wr.P(text=_question(meta["config"])),
-            wr.PanelGrid(runsets=[runset], panels=panels),
-            wr.MarkdownBlock(text=markdown(seed_table(results, sweep_id))),
-            wr.MarkdownBlock(text=markdown(format_effects(effects(results, sweep_id)))),
-        ]
-    return wr.Report(entity=entity or "", project=project, title="lenet: LeNet-5 ablations", blocks=blocks)
+    if not grid:
+        return []
+    return [wr.ScalarChart(title=f"{m} (mean ± std)", metric=m, **group) for m in ("best/val_acc", "test/acc")]

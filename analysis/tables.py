@@ -1,4 +1,4 @@
-"""Tables from runs: the seed-style comparison table, per-factor effects with 95% CIs, best configurations."""
+"""Tables from runs: the seed-style comparison table, per-factor effects with verdicts, best configurations."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ import math
 from typing import Any
 
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from ablation.config import _coerce
 from analysis.results import COUNTED, Results, ResultsError
+from analysis.stats import ALPHA, BASELINE, EQUIVALENCE, INCONCLUSIVE, MAX_SEEDS, TableFit, check, compare
 
 CONFIDENCE = 0.95
 CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
-
-
-def _t(df: float) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + CONFIDENCE / 2, df))
+VAL, TEST = "best/val_acc", "test/acc"
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int, float]:
@@ -26,21 +23,14 @@ def mean_ci(values: pd.Series) -> tuple[float, float, int, float]:
     n = len(v)
     if n == 0:
         return math.nan, math.nan, 0, math.nan
-    std = float(v.std(ddof=1)) if n > 1 else math.nan
-    return float(v.mean()), std, n, _t(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
-
-
-def diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """Mean of a minus mean of b and the half-width of its 95% Welch interval (NaN when either n < 2)."""
-    ma, sa, na, _ = mean_ci(a)
-    mb, sb, nb, _ = mean_ci(b)
-    if na < 2 or nb < 2:
-        return ma - mb, math.nan
-    va, vb = sa**2 / na, sb**2 / nb
-    if va + vb == 0:
-        return ma - mb, 0.0
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))  # Welch-Satterthwaite
-    return ma - mb, _t(df) * math.sqrt(va + vb)
+    mean = float(v.mean())
+    if n < 2:
+        return mean, math.nan, n, math.nan
+    std = float(v.std(ddof=1))
+    if std == 0:
+        return mean, 0.0, n, 0.0
+    low, _ = scipy_stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=scipy_stats.sem(v))
+    return mean, std, n, mean - float(low)
 
 
 def factors(sweep_config: dict[str, Any]) -> list[str]:
@@ -146,9 +136,11 @@ def _not_counted(group: pd.DataFrame) -> str:
     return ", ".join(f"{n} {state}" for state, n in other.items())
 
 
-def effects(results: Results, sweep_id: str) -> pd.DataFrame:
-    """Per factor and level (within each combination of the other factors): val/test accuracy with 95% CIs,
-    the difference from the baseline level with its CI, whether that is within noise, convergence and gap."""
+def effects(results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float = ALPHA) -> pd.DataFrame:
+    """Per factor and level (within each combination of the other factors, one table and one family each): val/test
+    accuracy with 95% CIs, the difference from the baseline level with its simultaneous interval and verdict
+    (analysis.stats), the seeds an inconclusive one needs, the table's model, convergence and gap."""
+    check(alpha, equivalence)
     config = results.sweeps[sweep_id]["config"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     rows = []
@@ -158,81 +150,162 @@ def effects(results: Results, sweep_id: str) -> pd.DataFrame:
         for context, block in contexts:
             context = context if isinstance(context, tuple) else (context,)
             order = levels(config, factor, block)
-            base = counted(block[block[factor] == order[0]])
-            for level in (v for v in order if (block[factor] == v).any()):  # levels with no runs yet are skipped
-                rows.append(_effect_row(factor, level, order[0], others, context, block, base))
+            shown = [v for v in order if (block[factor] == v).any()]  # levels with no runs yet are skipped
+            pairs = [(order.index(v), 0) for v in shown if v != order[0]]  # the family: this table's comparisons
+            fits = {m: fit_table(counted(block), factor, order, m, pairs, equivalence, alpha) for m in (VAL, TEST)}
+            for level in shown:
+                rows.append(_effect_row(factor, order.index(level), order, others, context, block, fits))
     return pd.DataFrame(rows)
 
 
+def fit_table(
+    runs: pd.DataFrame,
+    factor: str,
+    order: list[Any],
+    column: str,
+    pairs: list[tuple[int, int]] | None = None,
+    equivalence: float = EQUIVALENCE,
+    alpha: float = ALPHA,
+) -> TableFit:
+    """analysis.stats.compare on one table's runs: `column` by the index of `factor`'s level in `order`, the seed
+    as a block; `pairs` of level indices (default: each level minus order[0])."""
+    index = [next((i for i, v in enumerate(order) if v == value), -1) for value in runs[factor]]
+    keep = [i >= 0 for i in index]
+    values = runs[column] if column in runs else pd.Series(math.nan, index=runs.index)
+    seeds = runs["seed"][keep] if "seed" in runs else None
+    return compare(
+        values[keep].to_numpy(dtype=float),
+        [i for i in index if i >= 0],
+        None if seeds is None else pd.to_numeric(seeds, errors="coerce").to_numpy(dtype=float),
+        pairs,
+        n_levels=len(order),
+        alpha=alpha,
+        equivalence=equivalence,
+    )
+
+
 def _effect_row(
-    factor: str, level: Any, baseline: Any, others: list[str], context: tuple, block: pd.DataFrame, base: pd.DataFrame
+    factor: str, i: int, order: list[Any], others: list[str], context: tuple, block: pd.DataFrame, fits: dict
 ) -> dict[str, Any]:
-    group = block[block[factor] == level]
+    group = block[block[factor] == order[i]]
     ok = counted(group)
-    val, test = mean_ci(ok["best/val_acc"]), mean_ci(ok["test/acc"])
-    d_val, d_val_ci = diff_ci(ok["best/val_acc"], base["best/val_acc"])
-    d_test, d_test_ci = diff_ci(ok["test/acc"], base["test/acc"])
+    val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST] if TEST in ok else pd.Series(dtype=float))
     reached = (
         ok[f"epochs_to/val_acc_{CONVERGENCE}"].dropna()
         if f"epochs_to/val_acc_{CONVERGENCE}" in ok
         else pd.Series(dtype=float)
     )
-    verdict = "baseline" if level == baseline else _verdict(d_val, d_val_ci)
-    return {
+    row = {
         "factor": factor,
         "context": variant_name(others, context) if others else "",
-        "level": level,
+        "level": order[i],
         "n": val[2],
         "not counted": _not_counted(group),
         "val_acc": val[0],
         "val_acc_ci": val[3],
         "test_acc": test[0],
         "test_acc_ci": test[3],
-        "diff_val_acc": d_val,
-        "diff_val_acc_ci": d_val_ci,
-        "diff_test_acc": d_test,
-        "diff_test_acc_ci": d_test_ci,
-        "verdict": verdict,
+    }
+    for name, fit, n in (("val", fits[VAL], val[2]), ("test", fits[TEST], test[2])):
+        row.update(_comparison_cells(name, fit, i, n))
+    return {
+        **row,
         f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
         f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}",
-        "gap": mean_ci(ok["gap/train_val_acc"])[0],
+        "gap": mean_ci(ok["gap/train_val_acc"])[0] if "gap/train_val_acc" in ok else math.nan,
+        "model": "level + seed" if fits[VAL].blocked else "level",
+        "comparisons": len(fits[VAL].comparisons),
+        "equivalence": fits[VAL].equivalence,
+        "alpha": fits[VAL].alpha,
     }
 
 
-def _verdict(diff: float, half_width: float) -> str:
-    """`better`/`worse` when the 95% CI of the difference excludes zero, else `within noise`."""
-    if math.isnan(half_width):
-        return "no CI (n < 2)"
-    if abs(diff) <= half_width:
-        return "within noise"
-    return "better" if diff > 0 else "worse"
+def _comparison_cells(name: str, fit: TableFit, i: int, n: int) -> dict[str, Any]:
+    """The difference-from-baseline columns of one metric (`verdict`/`seeds_needed` unsuffixed for val)."""
+    suffix = "" if name == "val" else "_test"
+    found = next((c for c in fit.comparisons if c.pair[0] == i), None)
+    if found is None:  # the baseline itself
+        diff, half, tost, call, need = (0.0 if n else math.nan), math.nan, math.nan, BASELINE, None
+    else:
+        diff, half, tost, call, need = (
+            found.diff,
+            found.half_width,
+            found.equivalence_half_width,
+            found.verdict,
+            found.seeds_needed,
+        )
+    return {
+        f"diff_{name}_acc": diff,
+        f"diff_{name}_acc_ci": half,
+        f"diff_{name}_acc_tost": tost,
+        f"verdict{suffix}": call,
+        f"seeds_needed{suffix}": math.nan if need is None else need,
+        f"sigma_{name}": fit.sigma,
+        f"df_{name}": fit.df,
+        f"seed_icc_{name}": fit.seed_icc,
+    }
 
 
-def step_gains(results: Results, sweep_id: str) -> pd.DataFrame:
-    """For an ordered study (a path adding one technique per level): each level minus the level before it,
-    with 95% Welch intervals and a verdict; the contribution of each technique in context."""
+def step_gains(results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float = ALPHA) -> pd.DataFrame:
+    """For an ordered study (a path adding one technique per level): each level minus the level before it, with
+    intervals simultaneous over the steps and a verdict; the contribution of each technique in context."""
     config = results.sweeps[sweep_id]["config"]
     factor = factors(config)[0]
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     order = [v for v in levels(config, factor, runs) if (runs[factor] == v).any()]
-
-    def signed(m: float, h: float) -> str:
-        return f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else "")
-
-    rows = []
-    for before, after in zip(order, order[1:]):
-        a, b = runs[runs[factor] == after], runs[runs[factor] == before]
-        d_val, h_val = diff_ci(a["best/val_acc"], b["best/val_acc"])
-        d_test, h_test = diff_ci(a["test/acc"], b["test/acc"])
-        rows.append(
+    pairs = [(i + 1, i) for i in range(len(order) - 1)]
+    val, test = (fit_table(runs, factor, order, m, pairs, equivalence, alpha) for m in (VAL, TEST))
+    return pd.DataFrame(
+        [
             {
-                "step": f"{before} → {after}",
-                "Δ val acc (95% CI)": signed(d_val, h_val),
-                "Δ test acc (95% CI)": signed(d_test, h_test),
-                "verdict (val)": _verdict(d_val, h_val),
+                "step": f"{order[b]} → {order[a]}",
+                "Δ val acc (95% simult.)": signed(v.diff, v.half_width),
+                "Δ test acc (95% simult.)": signed(t.diff, t.half_width),
+                "verdict (val)": v.verdict,
+                "verdict (test)": t.verdict,
+                "seeds needed (val)": seeds_cell(v.verdict, v.seeds_needed),
             }
-        )
-    return pd.DataFrame(rows)
+            for v, t, (a, b) in zip(val.comparisons, test.comparisons, pairs)
+        ]
+    )
+
+
+def signed(m: float, h: float) -> str:
+    """`+diff ± half-width`; a dash for a missing difference."""
+    return "–" if math.isnan(m) else (f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
+
+
+def seeds_cell(verdict: str, need: float | None) -> str:
+    """Seeds per level an inconclusive comparison needs: a number, `>200`, `?` (no residual sd), else blank."""
+    if verdict != INCONCLUSIVE:
+        return ""
+    if need is None or math.isnan(need):
+        return "?"
+    return f">{MAX_SEEDS}" if need > MAX_SEEDS else str(int(need))
+
+
+def model_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per effects table: its model, number of comparisons, pooled residual sd, residual df and the
+    measured seed correlation (intra-class correlation of the seed block), for val and test accuracy."""
+    if table.empty:
+        return pd.DataFrame()
+    first = table.groupby(["factor", "context"], sort=False).first().reset_index()
+
+    def num(value: float, digits: int = 2) -> str:
+        return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    return pd.DataFrame(
+        {
+            "factor": first["factor"],
+            "context": first["context"],
+            "model": first["model"],
+            "comparisons": first["comparisons"],
+            "residual sd val (df)": [f"{num(s)} ({d})" for s, d in zip(first["sigma_val"], first["df_val"])],
+            "seed correlation val": [num(v) for v in first["seed_icc_val"]],
+            "residual sd test (df)": [f"{num(s)} ({d})" for s, d in zip(first["sigma_test"], first["df_test"])],
+            "seed correlation test": [num(v) for v in first["seed_icc_test"]],
+        }
+    )
 
 
 def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
@@ -302,7 +375,9 @@ def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
 
 
 def format_effects(table: pd.DataFrame) -> pd.DataFrame:
-    """Effects as display strings: `mean ± CI` and `+diff ± CI`."""
+    """Effects as display strings: `mean ± CI`, `+diff ± simultaneous half-width`, verdicts, seeds needed."""
+    if table.empty:
+        return pd.DataFrame()
     out = pd.DataFrame(
         {"factor": table["factor"], "context": table["context"], "level": table["level"], "n": table["n"]}
     )
@@ -310,14 +385,13 @@ def format_effects(table: pd.DataFrame) -> pd.DataFrame:
     def pm(m: float, h: float) -> str:
         return "–" if math.isnan(m) else (f"{m:.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
 
-    def signed(m: float, h: float) -> str:
-        return "–" if math.isnan(m) else (f"{m:+.2f}" + (f" ± {h:.2f}" if not math.isnan(h) else ""))
-
     out["val acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["val_acc"], table["val_acc_ci"])]
     out["test acc % (95% CI)"] = [pm(m, h) for m, h in zip(table["test_acc"], table["test_acc_ci"])]
     out["Δ val vs baseline"] = [signed(m, h) for m, h in zip(table["diff_val_acc"], table["diff_val_acc_ci"])]
     out["Δ test vs baseline"] = [signed(m, h) for m, h in zip(table["diff_test_acc"], table["diff_test_acc_ci"])]
     out["verdict (val)"] = table["verdict"]
+    out["verdict (test)"] = table["verdict_test"]
+    out["seeds needed (val)"] = [seeds_cell(v, n) for v, n in zip(table["verdict"], table["seeds_needed"])]
     out[f"epochs to {CONVERGENCE}% val"] = [
         f"{e:.1f}" if not math.isnan(e) else "–" for e in table[f"epochs_to_{CONVERGENCE}"]
     ]

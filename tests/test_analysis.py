@@ -86,11 +86,14 @@ def test_effects_recover_planted_differences(results) -> None:
     assert act.loc["relu", "val_acc"] == pytest.approx(60, abs=0.6)
 
 
-def test_a_factor_without_effect_is_within_noise(results) -> None:
+def test_a_factor_without_effect_is_never_better_or_worse(results) -> None:
     table = effects(results, "syn")
     pool = table[(table["factor"] == "pooling") & (table["level"] == "avg")]
-    assert len(pool) == 3 and set(pool["verdict"]) == {"within noise"}
+    # 6 seeds at noise 0.5 cannot show |Δ| < 0.5 points: inconclusive, with the seeds per level that would
+    assert len(pool) == 3 and set(pool["verdict"]) == {"inconclusive"} and (pool["seeds_needed"] > 6).all()
     assert (pool["diff_val_acc"].abs() <= pool["diff_val_acc_ci"]).all()
+    wide = effects(results, "syn", equivalence=2.0)  # but well inside +/-2 points: equivalent
+    assert set(wide[(wide["factor"] == "pooling") & (wide["level"] == "avg")]["verdict"]) == {"equivalent"}
 
 
 def test_failed_runs_are_counted_not_averaged(results) -> None:
@@ -119,7 +122,7 @@ def test_bundle_round_trip_and_merge(results, tmp_path: Path) -> None:
 def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
     path = write_report(results, tmp_path / "out", ["synthetic"], "lenet report synthetic")
     text = path.read_text()
-    assert "cifar10-jpg" in text and "JPEG" in text and "within noise" in text and "| Model/variant |" in text
+    assert "cifar10-jpg" in text and "JPEG" in text and "inconclusive" in text and "| Model/variant |" in text
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["synthetic-curves-activation.png", "synthetic-curves-pooling.png", "synthetic-effects.png"]
     assert all(f"]({name})" in text for name in pngs)
@@ -128,13 +131,26 @@ def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
     assert kinds[:2] == ["H1", "P"] and "PanelGrid" in kinds and kinds.count("MarkdownBlock") == 2
     grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
     assert [type(p).__name__ for p in grid.panels] == [
-        "LinePlot",
-        "LinePlot",
+        *["LinePlot"] * 4,  # val/acc and val/loss by activation, then by pooling
+        *["BarPlot"] * 2,  # best val/test acc per level of each factor
         "ParallelCoordinatesPlot",
         "ParameterImportancePlot",
         "RunComparer",
     ]
-    assert grid.panels[0].groupby == "config.activation" and grid.runsets[0].filters == "Group = 'syn'"
+    assert [p.groupby.name for p in grid.panels[:6]] == ["activation"] * 2 + ["pooling"] * 2 + ["activation", "pooling"]
+    assert grid.runsets[0].filters.startswith("Metric('Group') = 'syn' and SummaryMetric('state') in")
+
+
+def test_report_equivalence_band_is_an_option(results, tmp_path: Path) -> None:
+    write_bundle(results, tmp_path / "syn.json")
+    runner = CliRunner()
+    args = ["report", str(tmp_path / "syn.json"), "--out", str(tmp_path / "r")]
+    wide = runner.invoke(app, [*args, "--equivalence", "2"])
+    assert wide.exit_code == 0, wide.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "--equivalence 2`" in text and "δ = 2 accuracy points" in text and "| equivalent |" in text
+    bad = runner.invoke(app, [*args, "--equivalence", "-1"])
+    assert bad.exit_code == 2 and "--equivalence must be >= 0" in bad.output
 
 
 def test_report_from_a_real_local_sweep(folder_dir: Path, tmp_path: Path) -> None:
@@ -177,8 +193,8 @@ def test_step_gains_of_an_ordered_study() -> None:
     ]
     table = step_gains(from_records(records, {"p": {"name": "p", "backend": "local", "config": sweep}}), "p")
     assert list(table["step"]) == ["classic → path1_relu", "path1_relu → modern"]
-    assert list(table["verdict (val)"]) == ["better", "within noise"]
-    assert table["Δ val acc (95% CI)"].iloc[0].startswith("+5.00")
+    assert list(table["verdict (val)"]) == ["better", "equivalent"]  # seeds shift all levels alike: no residual
+    assert table["Δ val acc (95% simult.)"].iloc[0].startswith("+5.00")
 
 
 def test_search_report_ranks_every_run_including_stopped_ones(tmp_path: Path) -> None:
