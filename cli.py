@@ -353,7 +353,8 @@ def sweep_status(
         stale = run["state"] == "running" and (run["heartbeat_at"] or 0) < time.time() - heartbeat_timeout()
         key = "running (no heartbeat: will be requeued)" if stale else run["state"]
         states[key] = states.get(key, 0) + 1
-    total = grid_size(config) or config.get("run_cap")
+    added = sum(look["runs_added"] for look in store.looks(sweep_id))  # by `sweep extend`, past the grid's size
+    total = (grid_size(config) + added) if config["method"] == "grid" else config.get("run_cap")
     console.print(
         f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
         f"{len(runs)} runs created" + (f" of {total}" if total else ""),
@@ -375,11 +376,41 @@ def sweep_status(
             + " ".join(f"{k}={run['params'].get(k)}" for k in varying)
             + (f"  ({error})" if error else "")
         )
+    _print_looks(store, sweep_id)
     say(
         f"store: {store.path}; W&B offline runs: {home() / 'wandb'} "
         f"(upload with `wandb sync {home() / 'wandb'}/offline-run-*`)"
     )
     _note_read_only(store)
+
+
+def _print_looks(store: Any, sweep_id: str) -> None:
+    """A grid sweep's comparisons still open (as `sweep extend` would judge them now) and the looks taken so far."""
+    from analysis.extend import DECIDES, open_comparisons
+    from analysis.results import from_store
+    from analysis.stats import EQUIVALENCE, alpha_of_look
+    from analysis.tables import counted, current_look, factors
+
+    results = from_store(store, sweep_id)
+    meta = results.sweeps[sweep_id]
+    if meta["config"]["method"] != "grid" or not factors(meta["config"]) or counted(results.runs).empty:
+        return
+    taken = meta.get("looks", [])
+    for look in taken:
+        say(
+            f"  look {look['look']}: {look['seeds']} seeds per level, α {look['alpha']:.2%}, {look['inconclusive']} "
+            f"of {look['comparisons']} comparisons inconclusive, {look['runs_added']} runs added ({look['outcome']})"
+        )
+    equivalence = taken[-1]["equivalence"] if taken else EQUIVALENCE
+    alpha = alpha_of_look(current_look(meta))  # as `sweep extend` judges them (the report: 5% before any look)
+    found, total = open_comparisons(results, sweep_id, alpha, equivalence)
+    say(
+        f"  open comparisons at look {current_look(meta)} (α {alpha:.2%}, δ {equivalence:g}, on "
+        f"{DECIDES} of the {len(counted(results.runs))} finished runs): {len(found)} of {total}"
+        + ("" if taken else "; `lenet sweep extend ID --until-resolved` adds seeds to them")
+    )
+    for comparison in found:
+        say(f"    {comparison.describe()}")
 
 
 def _metric_value(store: Any, run: dict[str, Any], metric: str | None) -> float | None:
@@ -625,6 +656,113 @@ def sweep_confirm(
     say(f"wrote {file}: {run['chosen']} ({fixed}) x {seeds} seeds; start it with `lenet sweep create {file}`")
 
 
+@sweep_app.command("extend")
+def sweep_extend(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="A finished grid sweep: a local sweep id (runs are added to it), or a W&B sweep (entity/project/id "
+            "or its id here) or results bundle followed by the follow-up sweeps of its earlier looks."
+        ),
+    ],
+    until_resolved: Annotated[
+        bool,
+        typer.Option(
+            "--until-resolved",
+            help="Add seeds to the levels of inconclusive comparisons, at the planned looks 3 -> 5 -> 10 -> 20 seeds "
+            "per level (the alpha split over the looks).",
+        ),
+    ] = False,
+    max_seeds: Annotated[int, typer.Option(min=2, help="Seeds per level no look goes beyond.")] = 20,
+    equivalence: Annotated[
+        float, typer.Option(help="Equivalence band δ (accuracy points): |Δ| surely below it is resolved.")
+    ] = 0.5,
+    out: Annotated[
+        Path | None, typer.Option(help="W&B sweeps and bundles: where to write the follow-up grid sweep file.")
+    ] = None,
+) -> None:
+    """Take the next look at a grid sweep's comparisons and add seeds where they are inconclusive."""
+    from ablation.store import Store
+    from analysis.extend import plan_extension
+    from analysis.results import from_store
+    from analysis.stats import check as check_verdict_args
+
+    if not until_resolved:
+        fail("say how far to extend: --until-resolved (add seeds until the comparisons resolve; the one mode)")
+    check_verdict_args(0.05, equivalence)
+    first = sources[0]
+    store = Store()
+    local = not (Path(first).exists() or first.endswith(".json") or first.count("/") == 2)
+    if local and store.sweep(first)["backend"] == "local":
+        if len(sources) > 1:
+            fail(f"sweep {first} is local: give it alone (follow-up sweeps are for W&B sweeps and bundles)")
+        if out is not None:
+            fail(f"sweep {first} is local: its new runs join it (then `lenet agent {first}`); drop --out")
+        plan = plan_extension(from_store(store, first), first, max_seeds, equivalence)
+        _print_plan(plan)
+        if plan.taken:
+            added = store.add_runs(first, list(plan.points), plan.record())  # refused if a run started meanwhile
+            if added:
+                say(
+                    f"added {len(added)} runs to sweep {first} ({added[0]} .. {added[-1]}); train them with "
+                    f"`lenet agent {first}`, then run `lenet sweep extend {first} --until-resolved` again"
+                )
+        return
+    if out is None:
+        fail(
+            f"{first} is a W&B sweep or a bundle, which cannot take new runs: pass --out FILE to write a follow-up "
+            "sweep file (create it, train it, then give it after the sweep to `lenet report` and the next extend)"
+        )
+    _write_follow_up(sources, out, max_seeds, equivalence)
+
+
+def _print_plan(plan: Any) -> None:
+    """One look of `sweep extend`: its alpha and seeds, the open comparisons, and what it does about them."""
+    from analysis.extend import DECIDES, EXTENDED
+
+    say(
+        f"look {plan.look} of sweep {plan.sweep_id}: {plan.seeds} seeds per level, α {plan.alpha:.2%}, δ "
+        f"{plan.equivalence:g}, verdicts on {DECIDES}: {len(plan.open)} of {plan.comparisons} comparisons inconclusive"
+    )
+    for comparison in plan.open:
+        say(f"  {comparison.describe()}")
+    if plan.outcome != EXTENDED or not plan.taken:
+        say(f"nothing added: {plan.reason}")
+
+
+def _write_follow_up(sources: list[str], out: Path, max_seeds: int, equivalence: float) -> None:
+    """W&B sweeps cannot take new runs: write the next look's runs as a follow-up grid sweep file."""
+    import yaml
+
+    from ablation.paths import write_text
+    from ablation.sweep import follow_up_sweep
+    from analysis.extend import plan_extension
+    from analysis.results import follow_up_note
+
+    results = load_results(sources)
+    if len(results.sweeps) != 1:
+        fail(
+            f"{', '.join(sources)} hold {len(results.sweeps)} sweeps ({', '.join(results.sweeps)}); give one sweep "
+            "and the follow-up sweeps of its earlier looks"
+        )
+    sweep_id, meta = next(iter(results.sweeps.items()))
+    plan = plan_extension(results, sweep_id, max_seeds, equivalence)
+    _print_plan(plan)
+    if not plan.points:
+        return
+    note = follow_up_note(sweep_id, plan.look, plan.seeds, plan.alpha, plan.target)
+    question = f"{note}. {meta['config'].get('description') or ''}".strip()
+    name = f"{meta['name']}_look{plan.look + 1}"
+    config, extra = follow_up_sweep(meta["config"], list(plan.points), name, question)
+    text = f"# Question: {question}\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    write_text(out, text, "sweep file", "choose another path")
+    union = f" (W&B grids are cartesian: {extra} more runs than the {len(plan.points)} needed)" if extra else ""
+    say(
+        f"wrote {out}: {len(plan.points) + extra} runs{union}; create it (`lenet sweep create {out}`), train it, "
+        f"then `lenet report {' '.join(sources)} FOLLOW_UP` analyses both as one sweep"
+    )
+
+
 @app.command()
 def report(
     sources: Annotated[
@@ -646,6 +784,14 @@ def report(
     equivalence: Annotated[
         float, typer.Option(help="Equivalence band δ (accuracy points): |Δ| surely below it is `equivalent`.")
     ] = 0.5,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Also compare the sweeps (one recipe each, same epochs) as one table, each against the first, "
+            "e.g. a search winner's confirmation against the control recipe.",
+        ),
+    ] = False,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
     from ablation.errors import TrackingError
@@ -653,7 +799,7 @@ def report(
     from ablation.tracking import wandb_logged_in
     from analysis.report import wandb_report, write_report
     from analysis.stats import check as check_verdict_args
-    from analysis.tables import effects, factors, format_effects, seed_table
+    from analysis.tables import effects, factors, format_effects, seed_table, sweep_comparison
 
     check_verdict_args(0.05, equivalence)  # a bad --equivalence is a usage error before any work
     if wandb and not wandb_logged_in():  # before any work: saving the report is what --wandb asks for
@@ -661,7 +807,10 @@ def report(
     results = load_results(sources)
     if results.runs.empty:
         fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
+    comparison = sweep_comparison(results, list(results.sweeps), equivalence) if compare else None
     writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
+    if comparison is not None:
+        _print_table(f"comparison of the sweeps (Δ vs {next(iter(results.sweeps.values()))['name']})", comparison)
     for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
         table = seed_table(results, sweep_id)
         _print_table(
@@ -686,11 +835,11 @@ def report(
                 ],
             )
     band = f" --equivalence {equivalence:g}" if equivalence != 0.5 else ""  # report.md's command re-creates it
-    command = "lenet report " + " ".join(sources) + f" --out {out}{band}"
-    path = write_report(results, out, sources, command, equivalence)
+    command = "lenet report " + " ".join(sources) + f" --out {out}{band}" + (" --compare" if compare else "")
+    path = write_report(results, out, sources, command, equivalence, compare)
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
-        built = _save_wandb_report(wandb_report(results, entity or None, project))
+        built = _save_wandb_report(wandb_report(results, entity or None, project, equivalence))
         say(f"W&B report: {built}")
 
 

@@ -45,6 +45,15 @@ MIGRATIONS = (
     """,
     # 2: each run's full resolved config (JSON), written when it is claimed, so editing a preset relabels nothing
     "ALTER TABLE runs ADD COLUMN config TEXT",
+    # 3: the looks `sweep extend` took: seeds per level, alpha spent, comparisons open, runs added (target: the
+    # seeds per level they bring the open comparisons to; NULL when none were added: the last look)
+    """
+    CREATE TABLE looks (
+        sweep_id TEXT NOT NULL REFERENCES sweeps(id), look INTEGER NOT NULL, seeds INTEGER NOT NULL,
+        target INTEGER, alpha REAL NOT NULL, equivalence REAL NOT NULL, comparisons INTEGER NOT NULL,
+        inconclusive INTEGER NOT NULL, runs_added INTEGER NOT NULL, outcome TEXT NOT NULL,
+        open_comparisons TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (sweep_id, look));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("finished", "failed", "diverged", "stopped", "stopped_early")
@@ -521,6 +530,67 @@ class Store:
             (run_id, sweep["id"], idx, json.dumps(params), "pending", 0, time.time()),
         )
         return db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+
+    def add_runs(
+        self, sweep_id: str, params_list: list[dict[str, Any]], look: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Add pending runs to a sweep and record the `sweep extend` look that chose them, in one transaction; the
+        sweep runs again. Refused (SweepError) while runs are pending or running, or when another process recorded
+        this look first. Returns the new run ids."""
+        self.sweep(sweep_id)
+        with self.transaction() as db:
+            busy = db.execute(
+                "SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state IN ('pending', 'running')", (sweep_id,)
+            ).fetchone()[0]
+            if busy:
+                raise SweepError(
+                    f"sweep {sweep_id} has {busy} run(s) pending or running; let `lenet agent {sweep_id}` finish them "
+                    "first (nothing was added)"
+                )
+            if look is not None:
+                taken = db.execute("SELECT COUNT(*) FROM looks WHERE sweep_id = ?", (sweep_id,)).fetchone()[0]
+                if look["look"] != taken + 1:
+                    raise SweepError(
+                        f"sweep {sweep_id} has {taken} look(s) recorded, so this is not look {look['look']} (another "
+                        "`sweep extend` took it meanwhile?); run `lenet sweep status` and extend again"
+                    )
+                db.execute(
+                    "INSERT INTO looks VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        sweep_id,
+                        look["look"],
+                        look["seeds"],
+                        look.get("target"),
+                        look["alpha"],
+                        look["equivalence"],
+                        look["comparisons"],
+                        look["inconclusive"],
+                        len(params_list),
+                        look["outcome"],
+                        _json(look.get("open_comparisons", [])),
+                        time.time(),
+                    ),
+                )
+            first = db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM runs WHERE sweep_id = ?", (sweep_id,)).fetchone()
+            ids = [f"{sweep_id}-{idx:03d}" for idx in range(first[0], first[0] + len(params_list))]
+            now = time.time()
+            db.executemany(
+                "INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
+                [
+                    (run_id, sweep_id, first[0] + i, json.dumps(params), "pending", 0, now)
+                    for i, (run_id, params) in enumerate(zip(ids, params_list))
+                ],
+            )
+            if ids:  # a finished (or stopped) sweep serves its new runs; _new_run adds no grid point past its size
+                db.execute("UPDATE sweeps SET state = 'running' WHERE id = ?", (sweep_id,))
+        return ids
+
+    def looks(self, sweep_id: str) -> list[dict[str, Any]]:
+        """The looks `sweep extend` took on a sweep, first to last (none in a store too old to have the table)."""
+        if not self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'looks'"):
+            return []  # a store opened read-only before its migration
+        rows = self._rows("SELECT * FROM looks WHERE sweep_id = ? ORDER BY look", (sweep_id,))
+        return [{**dict(r), "open_comparisons": json.loads(r["open_comparisons"])} for r in rows]
 
     def heartbeat(self, run_id: str) -> bool:
         """Mark a run alive now. False when the store cannot be written just now (a full disk): the run's next

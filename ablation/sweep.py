@@ -193,6 +193,29 @@ def confirm_sweep(config: dict[str, Any], run: dict[str, Any], epochs: int, seed
     }
 
 
+def follow_up_sweep(
+    config: dict[str, Any], points: list[dict[str, Any]], name: str, description: str
+) -> tuple[dict[str, Any], int]:
+    """A grid sweep holding `points` (parameter sets of `config`'s grid), and how many runs it makes beyond them.
+    W&B grids are cartesian, so each parameter gets the union of the points' values (in `config`'s order): the
+    exact points when they form a full grid, else a superset, whose extra runs are points of the original grid."""
+    parameters: dict[str, Any] = {}
+    for key, spec in config["parameters"].items():
+        if key != "seed":
+            values = [v for v in grid_values(spec) if repr(v) in {repr(p.get(key)) for p in points}]
+            parameters[key] = {"values": values} if len(values) > 1 else {"value": values[0]} if values else spec
+    parameters["seed"] = {"values": sorted({p["seed"] for p in points})}
+    follow_up = {
+        "name": name,
+        "description": description,
+        "method": "grid",
+        "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
+        "parameters": parameters,
+        "command": config.get("command") or ["lenet", "train", "${args_no_hyphens}"],
+    }
+    return follow_up, (grid_size(follow_up) or 0) - len(points)
+
+
 def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any] | None:
     """The next run's parameters from W&B's search logic, or None when a grid is exhausted.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 from ablation.config import FIELD_TYPES, RunConfig
 from ablation.errors import ConfigError, LenetError
 from ablation.paths import write_text
+from ablation.sweep import grid_size
 
 BUNDLE_FORMAT = "lenet-results/1"
 COUNTED = ("finished", "stopped_early")
@@ -146,7 +148,8 @@ def from_store(store: Any, sweep_id: str) -> Results:
         }
         for r in store.runs(sweep_id)
     ]
-    return from_records(records, {sweep_id: _sweep_meta(sweep)})
+    looks = store.looks(sweep_id)  # `sweep extend`'s looks: the alpha the tables are judged at
+    return from_records(records, {sweep_id: {**_sweep_meta(sweep), **({"looks": looks} if looks else {})}})
 
 
 def _sweep_meta(sweep: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +158,32 @@ def _sweep_meta(sweep: dict[str, Any]) -> dict[str, Any]:
         "backend": sweep["backend"],
         "config": sweep["config"],
     }
+
+
+# `sweep extend` cannot add runs to a W&B sweep (immutable), so it writes a follow-up grid sweep whose description
+# says which sweep and look it extends (W&B's schema admits no other key for it); `merge` then analyses the
+# follow-up's runs as that sweep's, in the same tables.
+FOLLOW_UP = re.compile(
+    r"extends sweep (?P<sweep>[\w-]+): look (?P<look>\d+) at (?P<seeds>\d+) seeds per level, "
+    r"alpha (?P<alpha>[0-9.e-]+), open comparisons to (?P<target>\d+) seeds"
+)
+
+
+def follow_up_note(sweep_id: str, look: int, seeds: int, alpha: float, target: int) -> str:
+    """The description marker of a follow-up sweep (FOLLOW_UP reads it back)."""
+    return (
+        f"extends sweep {sweep_id}: look {look} at {seeds} seeds per level, alpha {alpha:.6f}, "
+        f"open comparisons to {target} seeds"
+    )
+
+
+def follow_up_of(sweep_config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a follow-up sweep extends (sweep id, and the look that wrote it), or None for any other sweep."""
+    found = FOLLOW_UP.search(str(sweep_config.get("description") or ""))
+    if found is None:
+        return None
+    number = {k: int(found[k]) for k in ("look", "seeds", "target")}
+    return {"sweep": found["sweep"], **number, "alpha": float(found["alpha"])}
 
 
 WANDB_PAGE = 200  # runs per API page; histories are read one page per run (a run logs one row per epoch)
@@ -296,8 +325,21 @@ def read_bundle(path: Path) -> Results:
 
 
 def merge(parts: list[Results]) -> Results:
-    """Several sources as one (studies run on different machines or sessions); a run id seen twice is kept once."""
+    """Several sources as one (studies run on different machines or sessions); a run id seen twice is kept once.
+    A follow-up sweep from `sweep extend` joins the sweep it extends, when that one is among the sources."""
     runs = pd.concat([p.runs for p in parts], ignore_index=True).drop_duplicates("run_id", keep="last")
     history = pd.concat([p.history for p in parts], ignore_index=True).drop_duplicates(["run_id", "epoch"], keep="last")
     sweeps = {k: v for p in parts for k, v in p.sweeps.items()}
+    for follow_up, meta in list(sweeps.items()):
+        of = follow_up_of(meta["config"])
+        if of is None or of["sweep"] == follow_up or of["sweep"] not in sweeps:
+            continue
+        runs.loc[runs["sweep_id"] == follow_up, "sweep_id"] = of["sweep"]  # the same tables as the original's
+        base = dict(sweeps[of["sweep"]])
+        look = {**of, "runs_added": grid_size(meta["config"]), "follow_up": follow_up, "outcome": "extended"}
+        taken = {int(t["look"]): t for t in [*base.get("looks", []), look]}
+        base["looks"] = [taken[k] for k in sorted(taken)]
+        base["follow_ups"] = [*base.get("follow_ups", []), follow_up]
+        sweeps[of["sweep"]] = base
+        del sweeps[follow_up]
     return Results(runs.reset_index(drop=True), history.reset_index(drop=True), sweeps)

@@ -206,6 +206,14 @@ def look_alpha(seeds: int, alpha: float = ALPHA, looks: Sequence[int] = LOOKS) -
     return spent(seeds / looks[-1], alpha) - before
 
 
+def alpha_of_look(number: int, alpha: float = ALPHA, looks: Sequence[int] = LOOKS) -> float:
+    """The alpha of the `number`-th look (1-based) of `sweep extend`: look_alpha(looks[number - 1]), whatever the
+    seeds it is taken at (the same when a grid starts at looks[0] seeds), so k looks spend at most `alpha`."""
+    if not 1 <= number <= len(looks):
+        raise ConfigError(f"look {number} is not planned; `sweep extend` takes at most {len(looks)} looks")
+    return look_alpha(looks[number - 1], alpha, looks)
+
+
 def next_look(seeds: int, looks: Sequence[int] = LOOKS) -> int | None:
     """The next planned look after `seeds` seeds per level, or None after the last one."""
     return next((n for n in looks if n > seeds), None)

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 from scipy import stats as scipy_stats
 
 from ablation.config import _coerce
+from ablation.errors import ConfigError
 from analysis.results import COUNTED, Results, ResultsError
-from analysis.stats import ALPHA, BASELINE, EQUIVALENCE, INCONCLUSIVE, MAX_SEEDS, TableFit, check, compare
+from analysis.stats import (
+    ALPHA,
+    BASELINE,
+    EQUIVALENCE,
+    INCONCLUSIVE,
+    MAX_SEEDS,
+    TableFit,
+    alpha_of_look,
+    check,
+    compare,
+)
 
 CONFIDENCE = 0.95
 CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
@@ -136,25 +149,63 @@ def _not_counted(group: pd.DataFrame) -> str:
     return ", ".join(f"{n} {state}" for state, n in other.items())
 
 
-def effects(results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float = ALPHA) -> pd.DataFrame:
+@dataclass(frozen=True)
+class EffectTable:
+    """One effects table (one family): a factor's levels within one combination of the other factors."""
+
+    factor: str
+    others: list[str]  # the other factors
+    context: tuple  # their values in this table
+    block: pd.DataFrame  # this table's runs (every state)
+    order: list[Any]  # the factor's levels, the baseline first
+    shown: list[Any]  # the levels that have runs
+    pairs: list[tuple[int, int]]  # the family: (level index, baseline index 0) for each shown level but the baseline
+
+
+def effect_tables(sweep_config: dict[str, Any], runs: pd.DataFrame) -> Iterator[EffectTable]:
+    """Every effects table of a grid sweep's runs: each factor within each combination of the other factors."""
+    for factor in factors(sweep_config):
+        others = [f for f in factors(sweep_config) if f != factor]
+        contexts = runs.groupby(others, sort=False) if others else [((), runs)]
+        for context, block in contexts:
+            order = levels(sweep_config, factor, block)
+            shown = [v for v in order if (block[factor] == v).any()]  # levels with no runs yet are skipped
+            pairs = [(order.index(v), 0) for v in shown if v != order[0]]
+            context = context if isinstance(context, tuple) else (context,)
+            yield EffectTable(factor, others, context, block, order, shown, pairs)
+
+
+def current_look(meta: dict[str, Any]) -> int:
+    """The look of `sweep extend` a sweep's data is at: 1 before any; after look k, k + 1 when it added runs, else
+    k (the last one: everything resolved or the cap reached)."""
+    taken = meta.get("looks") or []
+    if not taken:
+        return 1
+    return int(taken[-1]["look"]) + (1 if taken[-1].get("target") else 0)
+
+
+def sweep_alpha(meta: dict[str, Any]) -> float:
+    """The family-wise alpha a sweep's tables are judged at: ALPHA for a fixed design; once `sweep extend` has taken
+    a look, the alpha of the look its data is at (stats.alpha_of_look), so the error over all looks stays ALPHA."""
+    return alpha_of_look(current_look(meta)) if meta.get("looks") else ALPHA
+
+
+def effects(
+    results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float | None = None
+) -> pd.DataFrame:
     """Per factor and level (within each combination of the other factors, one table and one family each): val/test
     accuracy with 95% CIs, the difference from the baseline level with its simultaneous interval and verdict
-    (analysis.stats), the seeds an inconclusive one needs, the table's model, convergence and gap."""
+    (analysis.stats), the seeds an inconclusive one needs, the table's model, convergence and gap. `alpha`
+    None: the sweep's own (sweep_alpha: 5%, or the current look's once `sweep extend` has taken one)."""
+    alpha = sweep_alpha(results.sweeps[sweep_id]) if alpha is None else alpha
     check(alpha, equivalence)
     config = results.sweeps[sweep_id]["config"]
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     rows = []
-    for factor in factors(config):
-        others = [f for f in factors(config) if f != factor]
-        contexts = runs.groupby(others, sort=False) if others else [((), runs)]
-        for context, block in contexts:
-            context = context if isinstance(context, tuple) else (context,)
-            order = levels(config, factor, block)
-            shown = [v for v in order if (block[factor] == v).any()]  # levels with no runs yet are skipped
-            pairs = [(order.index(v), 0) for v in shown if v != order[0]]  # the family: this table's comparisons
-            fits = {m: fit_table(counted(block), factor, order, m, pairs, equivalence, alpha) for m in (VAL, TEST)}
-            for level in shown:
-                rows.append(_effect_row(factor, order.index(level), order, others, context, block, fits))
+    for t in effect_tables(config, runs):
+        fits = {m: fit_table(counted(t.block), t.factor, t.order, m, t.pairs, equivalence, alpha) for m in (VAL, TEST)}
+        for level in t.shown:
+            rows.append(_effect_row(t.factor, t.order.index(level), t.order, t.others, t.context, t.block, fits))
     return pd.DataFrame(rows)
 
 
@@ -246,9 +297,12 @@ def _comparison_cells(name: str, fit: TableFit, i: int, n: int) -> dict[str, Any
     }
 
 
-def step_gains(results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float = ALPHA) -> pd.DataFrame:
+def step_gains(
+    results: Results, sweep_id: str, equivalence: float = EQUIVALENCE, alpha: float | None = None
+) -> pd.DataFrame:
     """For an ordered study (a path adding one technique per level): each level minus the level before it, with
     intervals simultaneous over the steps and a verdict; the contribution of each technique in context."""
+    alpha = sweep_alpha(results.sweeps[sweep_id]) if alpha is None else alpha
     config = results.sweeps[sweep_id]["config"]
     factor = factors(config)[0]
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
@@ -268,6 +322,48 @@ def step_gains(results: Results, sweep_id: str, equivalence: float = EQUIVALENCE
             for v, t, (a, b) in zip(val.comparisons, test.comparisons, pairs)
         ]
     )
+
+
+def sweep_comparison(
+    results: Results, sweep_ids: list[str], equivalence: float = EQUIVALENCE, alpha: float = ALPHA
+) -> pd.DataFrame:
+    """One-recipe sweeps as one table (one family): each sweep minus the first, the baseline (e.g. a search winner's
+    confirmation against the control recipe at the same schedule), fitted with the seed as a block, with verdicts."""
+    check(alpha, equivalence)
+    if len(sweep_ids) < 2:
+        raise ConfigError(f"--compare needs two or more sweeps, not {len(sweep_ids)}; give e.g. the control first")
+    runs = counted(results.runs[results.runs["sweep_id"].isin(sweep_ids)])
+    for sweep_id in sweep_ids:
+        config = results.sweeps[sweep_id]["config"]
+        if config.get("method") != "grid" or factors(config):
+            raise ConfigError(
+                f"--compare compares one-recipe sweeps (a grid over seeds only, e.g. from `sweep confirm`); "
+                f"{results.sweeps[sweep_id]['name']} ({sweep_id}) "
+                + ("is a search" if config.get("method") != "grid" else f"varies {', '.join(factors(config))}")
+            )
+    epochs = {results.sweeps[i]["name"]: sorted(set(runs.loc[runs["sweep_id"] == i, "epochs"])) for i in sweep_ids}
+    if len({tuple(e) for e in epochs.values()}) > 1:
+        shown = ", ".join(f"{name}: {'/'.join(str(int(e)) for e in v) or '–'}" for name, v in epochs.items())
+        raise ConfigError(f"--compare needs sweeps trained for the same epochs ({shown}); compare like with like")
+    fits = {m: fit_table(runs, "sweep_id", list(sweep_ids), m, None, equivalence, alpha) for m in (VAL, TEST)}
+    rows = []
+    for i, sweep_id in enumerate(sweep_ids):
+        ok = runs[runs["sweep_id"] == sweep_id]
+        val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST])
+        row = {
+            "sweep": f"{results.sweeps[sweep_id]['name']} ({sweep_id})",
+            "# Epochs": "/".join(str(int(e)) for e in epochs[results.sweeps[sweep_id]["name"]]),
+            "n": val[2],
+            "val acc % (95% CI)": signed(val[0], val[3]).lstrip("+"),
+            "test acc % (95% CI)": signed(test[0], test[3]).lstrip("+"),
+        }
+        for name, fit in (("val", fits[VAL]), ("test", fits[TEST])):
+            found = next((c for c in fit.comparisons if c.pair[0] == i), None)
+            row[f"Δ {name} vs baseline"] = "–" if found is None else signed(found.diff, found.half_width)
+            row[f"verdict ({name})"] = BASELINE if found is None else found.verdict
+            row[f"seeds needed ({name})"] = "" if found is None else seeds_cell(found.verdict, found.seeds_needed)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def signed(m: float, h: float) -> str:

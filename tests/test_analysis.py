@@ -128,7 +128,10 @@ def test_report_files_and_wandb_report_blocks(results, tmp_path: Path) -> None:
     assert all(f"]({name})" in text for name in pngs)
     report = wandb_report(results, "me", "lenet")
     kinds = [type(block).__name__ for block in report.blocks]
-    assert kinds[:2] == ["H1", "P"] and "PanelGrid" in kinds and kinds.count("MarkdownBlock") == 2
+    assert kinds[:3] == ["H1", "P", "MarkdownBlock"] and "PanelGrid" in kinds and kinds.count("MarkdownBlock") == 3
+    assert "**inconclusive**" in report.blocks[2].text and "±0.5" in report.blocks[2].text  # report.md's legend
+    wider = wandb_report(results, "me", "lenet", equivalence=2.0)  # --equivalence reaches the W&B tables too
+    assert "±2" in wider.blocks[2].text
     grid = next(b for b in report.blocks if type(b).__name__ == "PanelGrid")
     assert [type(p).__name__ for p in grid.panels] == [
         *["LinePlot"] * 4,  # val/acc and val/loss by activation, then by pooling
