@@ -8,7 +8,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
@@ -16,11 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 bundles its own Click
 from typer.core import TyperGroup
 
 from ablation.config import RunConfig, describe, load_config_file, parse_overrides
 from ablation.errors import Interrupted, LenetError
 from ablation.signals import exit_by_signal
+from ablation.tracking import one_line
 
 console = Console()
 err_console = Console(stderr=True)
@@ -83,9 +85,21 @@ class LenetGroup(TyperGroup):
     """The one place library errors become messages: `LenetError` -> one line on stderr and its exit code
     (1 runtime, 2 usage); the traceback only with LENET_DEBUG=1."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # the top-level options (`lenet --bogus`) are parsed here, before `invoke`
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:
+            _usage_error(exc)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except NoArgsIsHelpError:  # `lenet sweep` alone: its help, as Click shows it
+            raise
+        except UsageError as exc:  # a sub-command's options or arguments, or an unknown command
+            _usage_error(exc)
         except LenetError as exc:
             if os.environ.get("LENET_DEBUG"):
                 raise
@@ -93,6 +107,17 @@ class LenetGroup(TyperGroup):
             if isinstance(exc, Interrupted):  # cleaned up; now end by the signal, as an uncaught Ctrl-C does
                 exit_by_signal(exc.signum)
             raise typer.Exit(exc.exit_code) from None
+
+
+def _usage_error(exc: UsageError) -> NoReturn:
+    """Click's usage error as one line (not Click's usage text and box): the problem, then where the help is."""
+    if os.environ.get("LENET_DEBUG"):
+        raise exc
+    words = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+    where = " ".join(["lenet", *words, "--help"])
+    message = f"{exc.format_message().rstrip('.')}; see `{where}`"
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -302,7 +327,7 @@ def _create_wandb_sweep(config: dict[str, Any], project: str, entity: str | None
         return wandb.sweep(sweep=config, project=project, entity=entity)
     except Exception as exc:
         raise TrackingError(
-            f"W&B could not create the sweep ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"W&B could not create the sweep ({type(exc).__name__}: {one_line(exc)}); "
             f"run `wandb login`, or use --backend local"
         ) from None
 
@@ -794,7 +819,7 @@ def report(
     ] = False,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
-    from ablation.errors import TrackingError
+    from ablation.errors import SweepError, TrackingError
     from ablation.paths import writable_dir
     from ablation.tracking import wandb_logged_in
     from analysis.report import wandb_report, write_report
@@ -806,7 +831,7 @@ def report(
         raise TrackingError("--wandb saves a W&B report and needs a W&B login: run `wandb login`, or drop --wandb")
     results = load_results(sources)
     if results.runs.empty:
-        fail(f"no runs in {', '.join(sources)}; run `lenet agent` first")
+        raise SweepError(f"no runs in {', '.join(sources)}; run `lenet agent` first")
     comparison = sweep_comparison(results, list(results.sweeps), equivalence) if compare else None
     writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
     if comparison is not None:
@@ -850,7 +875,7 @@ def _save_wandb_report(report: Any) -> str:
         return report.save().url
     except Exception as exc:
         raise TrackingError(
-            f"could not save the W&B report ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"could not save the W&B report ({type(exc).__name__}: {one_line(exc)}); "
             "check your W&B login and --entity/--project"
         ) from None
 

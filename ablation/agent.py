@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ablation.config import RunConfig
-from ablation.errors import Interrupted, LenetError, OutputError
+from ablation.errors import Interrupted, LenetError, OutputError, StoreError
 from ablation.signals import StopRequest, StopSignal, signal_name
 from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
@@ -28,6 +29,7 @@ T = TypeVar("T")
 POLL_S = 2.0  # how often a worker with nothing to claim looks again while other runs are in flight
 INTERRUPTED = "agent interrupted; requeued to resume from its last checkpoint"  # the store's reason for a stop
 MAX_REPLACEMENTS = 3  # new processes per worker slot after unexpected deaths (a crash loop must end)
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies (Linux)
 STOP_GRACE_S = 30.0  # how long stopped workers may take to requeue their runs before they are killed
 
 
@@ -69,9 +71,12 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._beat, args=(store_path, run_id), daemon=True)
 
     def _beat(self, store_path: Path, run_id: str) -> None:
-        store = Store(store_path)  # its own connection: sqlite connections are not shared across threads
         while not self.stop.wait(heartbeat_timeout() / 4):
-            store.heartbeat(run_id)
+            try:  # its own connection: sqlite connections are not shared across threads
+                with Store(store_path) as store:
+                    store.heartbeat(run_id)
+            except StoreError:  # a busy or locked store: the next beat retries (epochs also count as beats)
+                pass
 
     def __enter__(self) -> Heartbeat:
         self.thread.start()
@@ -89,32 +94,17 @@ def run_config(params: dict[str, Any], spec: WorkerSpec) -> RunConfig:
 
 
 def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> str:
-    """Train one claimed run, recording its history, summary, state or error; returns the final state.
-
-    A stop signal (`stop`) requeues the run (it resumes exactly from last.pt) and raises StopSignal; a failed
-    checkpoint write (OutputError: a full or read-only disk, not the run's fault) requeues it and is raised, to
-    stop the worker."""
+    """Train one claimed run, recording its history, summary, state or error; returns the final state."""
+    # A stop signal (`stop`) requeues the run (it resumes exactly from last.pt) and raises StopSignal; a failed
+    # checkpoint write (OutputError: a full or read-only disk, not the run's fault) requeues it and is raised,
+    # to stop the worker.
     stop = stop or StopRequest()  # never set: nothing stops this run from outside
     run_dir = home_of(spec) / "runs" / claim.run_id
     on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
     wandb_run = None
     try:
         config = run_config(claim.config or claim.params, spec)  # the full config the store recorded at claim
-        if spec.wandb_mode != "disabled":
-            sweep = store.sweep(claim.sweep_id)  # runs go where `lenet sweep create --project/--entity` said
-            wandb_run = start_wandb(
-                config.to_dict(),
-                spec.wandb_mode,
-                sweep["project"] or "lenet",
-                entity=sweep["entity"],
-                console="off",  # this worker's console carries every run's events; a failure's traceback is stored
-                id=claim.run_id,
-                group=claim.sweep_id,
-                name=claim.run_id,
-                dir=str(home_of(spec)),
-                resume="allow",
-                job_type="sweep",
-            )
+        wandb_run = claim_wandb(store, claim, spec, config)
         logger = FanOut(StoreLogger(store, claim.run_id), *([WandbLogger(wandb_run)] if wandb_run else []))
         with Heartbeat(spec.store_path, claim.run_id), stop.deferred():  # a signal ends training at the next batch
             summary = train(
@@ -153,6 +143,26 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, s
             wandb_run.finish()
 
 
+def claim_wandb(store: Store, claim: Claim, spec: WorkerSpec, config: RunConfig) -> Any:
+    """The W&B run that mirrors a claimed run (None with W&B disabled); a resumed run continues the same one."""
+    if spec.wandb_mode == "disabled":
+        return None
+    sweep = store.sweep(claim.sweep_id)  # runs go where `lenet sweep create --project/--entity` said
+    return start_wandb(
+        config.to_dict(),
+        spec.wandb_mode,
+        sweep["project"] or "lenet",
+        entity=sweep["entity"],
+        console="off",  # this worker's console carries every run's events; a failure's traceback is stored
+        id=claim.run_id,
+        group=claim.sweep_id,
+        name=claim.run_id,
+        dir=str(home_of(spec)),
+        resume="allow",
+        job_type="sweep",
+    )
+
+
 def home_of(spec: WorkerSpec) -> Path:
     """The project directory that holds this worker's store."""
     return spec.store_path.parent
@@ -170,8 +180,8 @@ def claim_next(store: Store, spec: WorkerSpec) -> Claim | str | None:
 
 
 def work(spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> int:
-    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained.
-    `stop`, set by a signal, ends it (StopSignal) with its run requeued."""
+    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained."""
+    # `stop`, set by a signal, ends it (StopSignal) with its run requeued.
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
     store = Store(spec.store_path)
@@ -210,11 +220,10 @@ def plan_workers(
 
 
 def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:
-    """Run the workers until their sweeps are done: one in this process, several as child processes.
-
-    SIGTERM or SIGINT (to the agent or its process group) stops every worker; each requeues its run at once
-    (it resumes exactly from last.pt) and `Interrupted` says how many were. A worker's LenetError (a full disk)
-    stops the others the same way and is raised here."""
+    """Run the workers until their sweeps are done: one in this process, several as child processes."""
+    # SIGTERM or SIGINT (to the agent or its process group) stops every worker; each requeues its run at once
+    # (it resumes exactly from last.pt) and `Interrupted` says how many were. A worker's LenetError (a full disk)
+    # stops the others the same way and is raised here.
     store = Store(specs[0].store_path)
     with StopRequest(raise_in_main=True) as stop:  # later signals are ignored: the clean-up must not be cut short
         try:
@@ -225,17 +234,15 @@ def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:
         except BaseException as exc:
             count = requeue_held(store, specs)
             if isinstance(exc, StopSignal):
-                raise Interrupted(
-                    f"interrupted ({signal_name(exc.signum)}): {count} run(s) requeued; "
-                    "they resume from their last checkpoint",
-                    exc.signum,
-                ) from None
+                resume = "; they resume from their last checkpoint" if count else ""
+                message = f"interrupted ({signal_name(exc.signum)}): {count} run(s) requeued{resume}"
+                raise Interrupted(message, exc.signum) from None
             raise
 
 
 def supervise(specs: list[WorkerSpec], on_event: Event, store: Store, stop: StopRequest) -> None:
-    """Run each worker in a child process until all exit; a worker that dies is replaced (at most
-    MAX_REPLACEMENTS times per slot) and its run requeued at once; any exception here stops them all."""
+    """Run each worker in a child process until all exit, replacing those that die; an exception stops them all."""
+    # A dead worker's run is requeued at once; its slot gets at most MAX_REPLACEMENTS new processes.
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/sqlite state
     slots: dict[int, tuple[Any, Any]] = {}  # slot -> (process, the pipe its LenetError would come through)
     replaced = [0] * len(specs)
@@ -250,41 +257,37 @@ def supervise(specs: list[WorkerSpec], on_event: Event, store: Store, stop: Stop
                 if proc.is_alive():
                     continue
                 del slots[i]
-                error = worker_error(errors)
+                exitcode, pid, error = proc.exitcode, proc.pid, worker_error(errors)
+                errors.close()
+                proc.close()
                 if error is not None:  # the worker stopped on a LenetError (a full disk): it is the agent's now
                     raise error
-                if proc.exitcode == 0:
-                    continue
-                spec = specs[i]
-                lost = held_runs(store, spec.sweep_ids, {spec.name}, proc.pid)
-                for run_id in lost:
-                    store.requeue(run_id, f"worker died (exit code {proc.exitcode}); requeued")
-                again = replaced[i] < MAX_REPLACEMENTS
-                on_event(
-                    "worker_died",
-                    {
-                        "worker": spec.name,
-                        "exitcode": proc.exitcode,
-                        "requeued": lost,
-                        "replacement": f"{replaced[i] + 1}/{MAX_REPLACEMENTS}" if again else None,
-                    },
-                )
-                if again:
+                if exitcode != 0 and after_death(store, specs[i], exitcode, pid, replaced[i], on_event):
                     replaced[i] += 1
-                    slots[i] = start_worker(context, spec, on_event, stop)
+                    slots[i] = start_worker(context, specs[i], on_event, stop)
     finally:
         stop_workers([proc for proc, _ in slots.values()])
 
 
-def start_worker(context: Any, spec: WorkerSpec, on_event: Event, stop: StopRequest) -> tuple[Any, Any]:
-    """Start one worker process; returns it and the pipe its LenetError would come through.
+def after_death(store: Store, spec: WorkerSpec, exitcode: int, pid: int, replaced: int, on_event: Event) -> bool:
+    """Requeue the runs of a worker that died and report it; returns whether to start a replacement."""
+    lost = held_runs(store, spec.sweep_ids, {spec.name}, pid)
+    for run_id in lost:
+        store.requeue(run_id, f"worker died (exit code {exitcode}); requeued")
+    again = replaced < MAX_REPLACEMENTS  # a crash loop must end
+    replacement = f"{replaced + 1}/{MAX_REPLACEMENTS}" if again else None
+    on_event("worker_died", {"worker": spec.name, "exitcode": exitcode, "requeued": lost, "replacement": replacement})
+    return again
 
-    A signal only sets `stop` meanwhile (raised inside Process.start it would leave a child waiting for its
-    start-up data). The child starts with SIGINT ignored (a disposition survives exec), so a Ctrl-C during its
-    start-up prints no KeyboardInterrupt traceback; `worker_process` then handles SIGINT. This process blocks
-    SIGINT while it ignores it, and Linux keeps a blocked signal pending, so a Ctrl-C meanwhile is not lost."""
+
+def start_worker(context: Any, spec: WorkerSpec, on_event: Event, stop: StopRequest) -> tuple[Any, Any]:
+    """Start one worker process; returns it and the pipe its LenetError would come through."""
+    # A signal only sets `stop` meanwhile (raised inside Process.start it would leave a child waiting for its
+    # start-up data). The child starts with SIGINT ignored (a disposition survives exec), so a Ctrl-C during its
+    # start-up prints no KeyboardInterrupt traceback; `worker_process` then handles SIGINT. This process blocks
+    # SIGINT while it ignores it, and Linux keeps a blocked signal pending, so a Ctrl-C meanwhile is not lost.
     errors, sender = context.Pipe(duplex=False)  # a pipe, not a Queue: no semaphores to leak if the agent is killed
-    proc = context.Process(target=worker_process, args=(spec, on_event, sender), name=spec.name)
+    proc = context.Process(target=worker_process, args=(spec, on_event, sender, os.getpid()), name=spec.name)
     with stop.deferred():
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -305,10 +308,14 @@ def worker_error(errors: Any) -> LenetError | None:
         return None
 
 
-def worker_process(spec: WorkerSpec, on_event: Event, errors: Any) -> None:
-    """A worker process's entry point: a stop signal, or its agent's death, requeues its run and ends it
-    quietly (exit 128 + signal); a LenetError goes to the agent through `errors` (exit 1)."""
-    watch_parent(os.getppid())
+def worker_process(spec: WorkerSpec, on_event: Event, errors: Any, parent: int) -> None:
+    """A worker process's entry point: ends quietly on a stop or its agent's death; LenetErrors go to `errors`."""
+    # A stop signal, or the death of the agent (`parent`, its pid passed in: by now getppid() may already say 1),
+    # requeues its run and ends it with exit 128 + signal; a LenetError goes to the agent (exit 1).
+    die_with_parent()
+    if os.getppid() != parent:  # the agent died during this process's start-up (the torch import): claim nothing
+        sys.exit(128 + signal.SIGTERM)
+    watch_parent(parent)
     try:
         with StopRequest(raise_in_main=True) as stop:
             work(spec, on_event, stop)
@@ -319,9 +326,20 @@ def worker_process(spec: WorkerSpec, on_event: Event, errors: Any) -> None:
         sys.exit(1)
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGTERM this process when its parent dies (a guard besides `watch_parent`)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no usable libc: watch_parent alone still stops this process
+        pass
+
+
 def watch_parent(parent: int, interval: float = 1.0) -> None:
-    """SIGTERM this process once its parent is gone (the agent was killed with -9): a worker never outlives
-    its agent, and stops exactly as if the agent had stopped it."""
+    """SIGTERM this process once process `parent` is no longer its parent (the agent was killed with -9)."""
+    # A worker never outlives its agent, and stops exactly as if the agent had stopped it.
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -355,8 +373,8 @@ def held_runs(store: Store, sweep_ids: Iterable[str], workers: set[str], pid: in
 
 
 def requeue_held(store: Store, specs: list[WorkerSpec]) -> int:
-    """Requeue the runs the agent's workers still hold (a worker killed before it could); returns how many of
-    their runs a stop has put back in the queue (by the workers themselves or here)."""
+    """Requeue the runs the agent's workers still hold; returns how many of their runs a stop requeued in all."""
+    # A worker killed before it could requeue its run leaves it running; the count includes the workers' own.
     names = {spec.name for spec in specs}
     for run_id in held_runs(store, specs[0].sweep_ids, names):
         store.requeue(run_id, INTERRUPTED)
@@ -368,11 +386,10 @@ def requeue_held(store: Store, specs: list[WorkerSpec]) -> int:
 
 
 def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `wandb.agent` calls for each run of a W&B sweep: config from the sweep, our training, W&B logging.
-
-    A stop ends the run as `stopped` at the next batch, with its summary and the best epoch's test metrics:
-    W&B's agent (hyperband, Ctrl-C) stops a run by raising an exception in this thread; SIGTERM and SIGINT
-    do the same where this runs in the main thread."""
+    """What `wandb.agent` calls for each run of a W&B sweep: config from the sweep, our training, W&B logging."""
+    # A stop ends the run as `stopped` at the next batch, with its summary and the best epoch's test metrics:
+    # W&B's agent (hyperband, Ctrl-C) stops a run by raising an exception in this thread; SIGTERM and SIGINT
+    # do the same where this runs in the main thread.
     import wandb
 
     run = wandb.init(config=defaults)
@@ -392,8 +409,9 @@ def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, An
 
 
 def run_stoppable(fn: Callable[[], T], stop: StopRequest) -> T:
-    """`fn()` in a helper thread while this thread waits: an exception raised into this thread (how W&B's agent
-    stops a run) sets `stop` instead of abandoning the run mid-epoch; `fn` then ends promptly and returns."""
+    """`fn()` in a helper thread; an exception raised into this waiting thread sets `stop` instead."""
+    # That exception is how W&B's agent stops a run: setting `stop` ends `fn` at its next batch, with a summary,
+    # instead of abandoning the run mid-epoch.
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
@@ -406,10 +424,12 @@ def run_stoppable(fn: Callable[[], T], stop: StopRequest) -> T:
             done.set()
 
     threading.Thread(target=target, name="lenet-train", daemon=True).start()
-    while not done.is_set():
+    while True:  # the whole wait is inside the try: the exception can land on any line of it
         try:
-            time.sleep(0.1)  # not Event.wait: an exception raised inside a lock wait can leave the lock taken
-        except Exception:  # W&B's agent: PyThreadState_SetAsyncExc(thread, Exception)
+            while not done.is_set():
+                time.sleep(0.1)  # not Event.wait: an exception raised inside a lock wait can leave the lock taken
+            break
+        except Exception:  # W&B's agent: PyThreadState_SetAsyncExc(thread, Exception); wait for `fn` to end
             stop.set()
     if "error" in outcome:
         raise outcome["error"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,13 +110,21 @@ def download_cifar10(root: Path) -> Path:
         download_and_extract_archive(url, str(root), md5="c58f30108f718f92721af3b95e74349a")
     except Exception as exc:  # urllib, ssl, OSError, RuntimeError(md5): all mean "no usable copy"
         if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+            remove_empty_folders(created)
         raise DataError(
             f"no CIFAR-10 found in {root}{' (the folder does not exist)' if created else ''} and the download "
             f"from {url} failed ({type(exc).__name__}); put the python batches or an image folder there, "
             f"or set data_dir= / LENET_DATA_DIR"
         ) from None
     return root / BATCHES_DIR
+
+
+def remove_empty_folders(top: Path) -> None:
+    """Remove `top` and the folders under it that are empty, bottom-up: another process may be filling the
+    same tree (a concurrent download), and what it wrote must stay."""
+    for dirpath, _, _ in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (or gone already): leave it
+            os.rmdir(dirpath)
 
 
 def first_missing(path: Path) -> Path | None:
@@ -294,7 +302,8 @@ def _write_cache(path: Path, dataset: Dataset) -> None:
         torch.save({**dataset.__dict__, "classes": list(dataset.classes)}, tmp)
         tmp.replace(path)  # atomic: concurrent workers never read a half-written cache
     except (OSError, RuntimeError):  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. NotADirectoryError when the cache dir sits under a file
+            tmp.unlink(missing_ok=True)
 
 
 def _read_cache(path: Path) -> Dataset:

@@ -1,5 +1,18 @@
 """The small error hierarchy: every error a user can cause is a `LenetError` with a message that says the fix."""
 
+from typing import Any
+
+
+def missing_or_wrong(record: dict[str, Any], spec: dict[str, type | tuple[type, ...]]) -> str | None:
+    """The first key of `spec` that `record` lacks or holds with another type, in words, or None."""
+    for key, kind in spec.items():
+        if key not in record:
+            return f"no {key!r} entry"
+        if not isinstance(record[key], kind):
+            wanted = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            return f"{key!r} is a {type(record[key]).__name__}, not a {wanted}"
+    return None
+
 
 class LenetError(Exception):
     """Base class: the CLI prints the message on one line and exits with `exit_code`."""

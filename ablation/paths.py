@@ -57,7 +57,12 @@ def writable_dir(path: Path, what: str = "output folder", fix: str = "choose ano
 
 
 def write_text(path: Path, text: str, what: str = "file", fix: str = "choose another path") -> None:
-    """Write `text` to `path` atomically (a temporary file, then a rename): a failed write leaves the old
+    """Write `text` (UTF-8) to `path` atomically, as `write_bytes` does."""
+    write_bytes(path, text.encode("utf-8"), what, fix)
+
+
+def write_bytes(path: Path, data: bytes, what: str = "file", fix: str = "choose another path") -> None:
+    """Write `data` to `path` atomically (a temporary file, then a rename): a failed write leaves the old
     file, if any, as it was and no temporary file behind."""
     path = Path(path)
     if path.is_dir():  # checked first: the rename below would otherwise fail with a less direct reason
@@ -65,7 +70,7 @@ def write_text(path: Path, text: str, what: str = "file", fix: str = "choose ano
     make_dir(path.parent, f"folder for {what}", fix)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

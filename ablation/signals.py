@@ -25,8 +25,10 @@ def signal_name(signum: int) -> str:
 
 
 class StopSignal(KeyboardInterrupt):
-    """Raised in the main thread when a stop signal arrives. A KeyboardInterrupt, so `except Exception` (a run's
-    failure) never swallows it and code that handles Ctrl-C (W&B's agent) handles SIGTERM the same way."""
+    """Raised in the main thread when a stop signal arrives."""
+
+    # A KeyboardInterrupt, so `except Exception` (a run's failure) never swallows it and code that handles
+    # Ctrl-C (W&B's agent) handles SIGTERM the same way.
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal_name(signum))
@@ -34,12 +36,12 @@ class StopSignal(KeyboardInterrupt):
 
 
 class StopRequest:
-    """A stop flag that SIGTERM and SIGINT set while it is entered (`with`); call it to ask whether to stop.
+    """A stop flag that SIGTERM and SIGINT set while it is entered (`with`); call it to ask whether to stop."""
 
-    Handlers are installed only in the main thread (elsewhere Python cannot); `set()` sets the flag from code.
-    Only the first signal counts: later ones are ignored so that clean-up (requeue, summary) is not cut short.
-    The flag is a plain attribute, not a threading.Event: a handler that took the Event's lock could deadlock
-    the main thread it interrupted inside that lock."""
+    # Handlers are installed only in the main thread (elsewhere Python cannot); `set()` sets the flag from code.
+    # Only the first signal counts: later ones are ignored so that clean-up (requeue, summary) is not cut short.
+    # The flag is a plain attribute, not a threading.Event: a handler that took the Event's lock could deadlock
+    # the main thread it interrupted inside that lock.
 
     def __init__(self, raise_in_main: bool = False) -> None:
         self.raise_in_main = raise_in_main
@@ -82,9 +84,9 @@ class StopRequest:
 
 
 def exit_by_signal(signum: int) -> None:
-    """End this process by `signum` with its default action, as Python does for an uncaught KeyboardInterrupt:
-    shells then report 128 + signum (130, 143) and stop their loops, and W&B's agent does not count a run it
-    stopped as a failed one (it counts exit codes > 0)."""
+    """End this process by `signum` with its default action, as Python does for an uncaught KeyboardInterrupt."""
+    # Shells then report 128 + signum (130, 143) and stop their loops, and W&B's agent does not count a run it
+    # stopped as a failed one (it counts exit codes > 0).
     sys.stdout.flush()
     sys.stderr.flush()
     signal.signal(signum, signal.SIG_DFL)

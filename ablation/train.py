@@ -21,7 +21,7 @@ from torch import nn
 
 from ablation.config import RunConfig
 from ablation.data import Batches, Dataset, channel_stats, check_split, load_dataset, split_train_val
-from ablation.errors import CheckpointError, ConfigError
+from ablation.errors import CheckpointError, ConfigError, missing_or_wrong
 from ablation.model import build_model, count_parameters
 from ablation.paths import output_error
 from ablation.tracking import Logger
@@ -471,11 +471,9 @@ def checkpoint_problem(payload: Any) -> str | None:
     """What is missing or malformed in a loaded checkpoint, or None."""
     if not isinstance(payload, dict):
         return f"it holds a {type(payload).__name__}, not a mapping"
-    for key, kind in CHECKPOINT_KEYS.items():
-        if key not in payload:
-            return f"no {key!r} entry"
-        if not isinstance(payload[key], kind):
-            return f"{key!r} is a {type(payload[key]).__name__}"
+    problem = missing_or_wrong(payload, CHECKPOINT_KEYS)
+    if problem:
+        return problem
     if not payload["classes"] or not all(isinstance(c, str) for c in payload["classes"]):
         return "'classes' must be a non-empty list of class names"
     if any(payload[k].numel() != 3 for k in ("mean", "std")):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from ablation.paths import write_bytes
 from analysis.results import Results
 from analysis.stats import BASELINE, BETTER, EQUIVALENCE, EQUIVALENT, INCONCLUSIVE, VERDICTS, WORSE
 from analysis.tables import counted, effects, factors, levels
@@ -192,9 +194,10 @@ def _dataset(results: Results) -> str:
 
 
 def _save(fig, path: Path, bottom: float = 0.0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     height = fig.get_figheight()
     fig.tight_layout(rect=(0, bottom / height, 1, 1 - 0.6 / height))  # keep 0.6 in for the suptitle, `bottom` in
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()  # rendered first, then written atomically: a full disk is one OutputError line
+    fig.savefig(buffer, format="png", dpi=110)
     _pyplot().close(fig)
+    write_bytes(path, buffer.getvalue(), "plot", "pass --out a folder on a disk with space")
     return path

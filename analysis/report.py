@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ablation.errors import TrackingError
-from ablation.paths import output_error, writable_dir, write_text
+from ablation.paths import writable_dir, write_bytes, write_text
 from ablation.tracking import one_line
 from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, search_progress, waterfall
 from analysis.results import COUNTED, Results
@@ -41,6 +41,11 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def write_csv(frame: pd.DataFrame, path: Path, fix: str = "pass --out a folder on a disk with space") -> None:
+    """Write `frame` as CSV (no index) through `write_bytes`: atomic, and a failed write is one OutputError."""
+    write_bytes(path, frame.to_csv(index=False).encode("utf-8"), "table", fix)
+
+
 def slug(text: str) -> str:
     """A file-name-safe version of `text`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
@@ -52,9 +57,9 @@ def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float
     name = slug(meta["name"])
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     table, effect = seed_table(results, sweep_id), effects(results, sweep_id, equivalence)
-    table.to_csv(out / f"{name}-table.csv", index=False)
-    effect.to_csv(out / f"{name}-effects.csv", index=False)
-    runs.to_csv(out / f"{name}-runs.csv", index=False)
+    write_csv(table, out / f"{name}-table.csv")
+    write_csv(effect, out / f"{name}-effects.csv")
+    write_csv(runs, out / f"{name}-runs.csv")
     states = ", ".join(f"{n} {s}" for s, n in runs["state"].value_counts().items())
     lines = [
         f"## {meta['name']} (sweep `{sweep_id}`, {meta['backend']})",
@@ -151,13 +156,10 @@ def write_report(
         lines += verdict_legend(equivalence)
     if comparison is not None:
         lines += comparison_section(results, comparison)
-    try:
-        if comparison is not None:
-            comparison.to_csv(out / "comparison.csv", index=False)
-        for sweep_id in results.sweeps:
-            lines += sweep_section(results, sweep_id, out, equivalence)
-    except OSError as exc:  # a CSV or PNG write: the disk filled up or the folder went away
-        raise output_error(out, exc, "report folder", fix) from None
+    if comparison is not None:
+        write_csv(comparison, out / "comparison.csv", fix)
+    for sweep_id in results.sweeps:
+        lines += sweep_section(results, sweep_id, out, equivalence)
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n", "report", fix)
     return report

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from ablation.config import FIELD_TYPES, RunConfig
-from ablation.errors import ConfigError, LenetError
+from ablation.errors import ConfigError, LenetError, missing_or_wrong
 from ablation.paths import write_text
 from ablation.sweep import grid_size
 
@@ -88,11 +88,9 @@ def records_problem(records: Any, sweeps: Any) -> str | None:
         if not isinstance(record, dict):
             return f"run {i} is not a mapping (it is {type(record).__name__} {record!r:.40})"
         name = record.get("id", i)
-        for key, kind in RECORD_KEYS.items():
-            if key not in record:
-                return f"run {name!r} has no {key!r}"
-            if not isinstance(record[key], kind):
-                return f"run {name!r}: {key!r} is not a {kind.__name__}"
+        problem = missing_or_wrong(record, RECORD_KEYS)
+        if problem:
+            return f"run {name!r}: {problem}"
         if not isinstance(record.get("summary") or {}, dict):
             return f"run {name!r}: 'summary' is not a mapping"
         history = record.get("history", [])
@@ -108,6 +106,10 @@ def from_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]
     problem = records_problem(records, sweeps)
     if problem:
         raise ResultsError(f"malformed results: {problem}")
+    return _from_checked_records(records, sweeps)
+
+
+def _from_checked_records(records: list[dict[str, Any]], sweeps: dict[str, dict[str, Any]]) -> Results:
     rows, history = [], []
     for r in records:
         # The summary's own state/params/seed-like keys would shadow the run's columns.
@@ -321,7 +323,7 @@ def read_bundle(path: Path) -> Results:
     problem = records_problem(data.get("runs"), data.get("sweeps"))
     if problem:
         raise ResultsError(f"bundle {path} is malformed ({problem}); export it again with `lenet sweep export`")
-    return from_records(data["runs"], data["sweeps"])
+    return _from_checked_records(data["runs"], data["sweeps"])  # checked just above: once per bundle
 
 
 def merge(parts: list[Results]) -> Results:

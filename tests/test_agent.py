@@ -8,18 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lenet
 from test_sweep import ROOT, write_smoke
-from typer.testing import CliRunner
 
 from ablation.agent import wandb_sweep_function
 from ablation.store import Store
-from cli import app
-
-runner = CliRunner()
-
-
-def lenet(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def create(path: Path) -> str:

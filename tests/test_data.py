@@ -16,6 +16,7 @@ from ablation.data import (
     gather_batch,
     load_dataset,
     read_batches,
+    remove_empty_folders,
     split_train_val,
     synthetic_dataset,
 )
@@ -215,6 +216,15 @@ def test_failed_download_says_where_to_put_data(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(DataError, match="missing/cifar \\(the folder does not exist\\) and the download"):
         load_dataset(config(data="cifar10", data_dir=tmp_path / "missing" / "cifar"))
     assert not (tmp_path / "missing").exists(), "a failed download leaves no folder tree behind"
+
+
+def test_cleanup_after_a_failed_download_keeps_what_another_process_wrote(tmp_path: Path) -> None:
+    """Only empty folders go: a concurrent download filling the same tree keeps its files."""
+    (tmp_path / "tree" / "a" / "empty").mkdir(parents=True)
+    (tmp_path / "tree" / "b").mkdir()
+    (tmp_path / "tree" / "b" / "part.tar.gz").write_bytes(b"x")
+    remove_empty_folders(tmp_path / "tree")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["tree", "tree/b", "tree/b/part.tar.gz"]
 
 
 def test_channel_stats_are_exact() -> None:

@@ -226,7 +226,7 @@ def test_an_agent_stopped_before_its_workers_claimed_anything_requeues_none(
     agent.send_signal(signal.SIGTERM)
     stdout, stderr = agent.communicate(timeout=120)
     assert agent.returncode == -signal.SIGTERM, (stdout, stderr)
-    assert errors(stderr) == ["error: interrupted (SIGTERM): 0 run(s) requeued; they resume from their last checkpoint"]
+    assert errors(stderr) == ["error: interrupted (SIGTERM): 0 run(s) requeued"]
     assert "Traceback" not in stdout + stderr
     assert all(r["state"] == "pending" for r in home_store().runs(sweep_id))
 
@@ -244,6 +244,19 @@ def test_workers_do_not_outlive_an_agent_killed_with_sigkill(folder_dir: Path, t
     assert {r["id"]: (r["state"], r["error"]) for r in store.runs(sweep_id) if r["id"] in {h["id"] for h in held}} == {
         run["id"]: ("pending", INTERRUPTED) for run in held
     }  # each worker noticed its agent was gone and requeued its run itself
+
+
+def test_workers_of_an_agent_killed_during_their_start_up_exit_and_claim_nothing(
+    folder_dir: Path, tmp_path: Path, started: list
+) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=1000, batch_size=16))
+    agent = start(started, "agent", sweep_id, "--workers", "2", "--wandb", "disabled")
+    workers = until(lambda: len(workers_of(agent.pid)) == 2 and workers_of(agent.pid), "the two workers to exist")
+    agent.kill()  # while they still import torch: by the time they look, their parent is already init
+    agent.communicate(timeout=60)
+    until(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to exit", timeout=60)
+    runs = home_store().runs(sweep_id)
+    assert [r["id"] for r in runs if r["state"] != "pending" or r["worker"]] == []  # nothing claimed or trained
 
 
 @pytest.mark.slow

@@ -13,17 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import lenet, tmpfs
 from test_sweep import ROOT, grid, write_smoke
-from typer.testing import CliRunner
 
 from ablation.config import PRESETS, RunConfig
 from ablation.errors import OutputError, StoreError, StoreWriteError
 from ablation.store import SCHEMA_VERSION, Store, schema_tables
 from ablation.train import cpu_threads
 from analysis.results import from_store, read_bundle
-from cli import app
 
-runner = CliRunner()
 # The first release's schema, verbatim: it set no user_version, so such a file reads as version 0.
 FIRST_RELEASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -38,10 +36,6 @@ CREATE TABLE IF NOT EXISTS history (
     run_id TEXT NOT NULL REFERENCES runs(id), epoch INTEGER NOT NULL, metrics TEXT NOT NULL,
     PRIMARY KEY (run_id, epoch));
 """
-
-
-def lenet(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def home() -> Path:
@@ -209,20 +203,8 @@ def test_lenet_home_a_file_and_a_store_path_that_is_a_folder() -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MB tmpfs for LENET_HOME; skipped, with the reason, where it cannot be mounted."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 2 MB tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=2m") as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(mount)], check=True)  # a connection still open: detach it
 
 
 def fill(folder: Path) -> Path:

@@ -15,9 +15,8 @@ import pytest
 import typer
 import wandb
 import yaml
-from conftest import TINY
+from conftest import TINY, lenet
 from test_sweep import ROOT, write_smoke
-from typer.testing import CliRunner
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
@@ -30,14 +29,9 @@ from analysis.report import swept, wandb_report
 from analysis.results import COUNTED, flat_summary, read_bundle
 from cli import app, build_config
 
-runner = CliRunner()
 BUNDLES = sorted((ROOT / "docs" / "results").glob("*/*.json"))
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
 FAKE_KEY = "0123456789" * 4  # W&B checks a key's shape (40+ characters) locally; nothing here asks the server
-
-
-def lenet(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def wandb_records(run_dir: Path) -> list:
