@@ -121,15 +121,21 @@ def test_stop_request_raises_once_and_only_flags_while_deferred() -> None:
 # ---- lenet train -------------------------------------------------------------------------------------------
 
 
+def start_long_train(started: list, data_dir: Path, out: Path, wandb: str) -> subprocess.Popen:
+    """`lenet train` of a 1000-epoch run on tiny data, returned once its first epoch is checkpointed."""
+    proc = start(
+        started, "train", *TINY_ARGS, "epochs=1000", "batch_size=16", f"data_dir={data_dir}",
+        "--wandb", wandb, "--out", out,
+    )  # fmt: skip
+    until(lambda: list(out.glob("*/last.pt")), "the first epoch")
+    return proc
+
+
 def test_sigterm_stops_lenet_train_and_keeps_its_offline_wandb_run(
     folder_dir: Path, tmp_path: Path, started: list
 ) -> None:
     out = tmp_path / "runs"
-    proc = start(
-        started, "train", *TINY_ARGS, "epochs=1000", "batch_size=16", f"data_dir={folder_dir}",
-        "--wandb", "offline", "--out", out,
-    )  # fmt: skip
-    until(lambda: list(out.glob("*/last.pt")), "the first epoch")
+    proc = start_long_train(started, folder_dir, out, "offline")
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -146,11 +152,7 @@ def test_sigterm_stops_lenet_train_and_keeps_its_offline_wandb_run(
 
 def test_ctrl_c_stops_lenet_train_cleanly(folder_dir: Path, tmp_path: Path, started: list) -> None:
     out = tmp_path / "runs"
-    proc = start(
-        started, "train", *TINY_ARGS, "epochs=1000", "batch_size=16", f"data_dir={folder_dir}",
-        "--wandb", "disabled", "--out", out,
-    )  # fmt: skip
-    until(lambda: list(out.glob("*/last.pt")), "the first epoch")
+    proc = start_long_train(started, folder_dir, out, "disabled")
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGINT, (stdout, stderr)
