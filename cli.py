@@ -145,8 +145,18 @@ def _app_options(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print lenet's version and exit."),
     ] = False,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="The sweep store: a path, sqlite:///abs/path.db or postgresql://user@host/db (libpq URL); "
+            "default $LENET_STORE, else $LENET_HOME/lenet.db.",
+        ),
+    ] = None,
 ) -> None:
     """Options of `lenet` itself (before the command)."""
+    if store:
+        os.environ["LENET_STORE"] = store  # every Store() of the command opens it, worker processes included
 
 
 def build_config(overrides: list[str], config_file: Path | None) -> RunConfig:
@@ -187,7 +197,7 @@ def train(
     from ablation.signals import StopRequest, signal_name
     from ablation.store import home
     from ablation.tracking import FanOut, WandbLogger, start_wandb, wandb_mode
-    from ablation.train import autocast_dtype, resolve_device
+    from ablation.train import autocast_dtype, resolve_device, teacher_checkpoint
     from ablation.train import train as train_run
 
     out = out or home() / "runs"
@@ -195,6 +205,7 @@ def train(
     autocast_dtype(config.precision, resolve_device(config.device))  # device=cuda, precision=fp16 without a GPU
     dataset = load_dataset(config)  # before W&B starts: bad data leaves no dead run
     check_split(config, dataset)
+    teacher_checkpoint(config, dataset)  # a missing or leaking distillation teacher, before W&B starts
     writable_dir(out, "checkpoint folder", "pass --out a writable folder (default: $LENET_HOME/runs)")
     mode = wandb_mode(wandb.value)
     run = start_wandb(config.to_dict(), mode, project, entity=entity) if mode != "disabled" else None
@@ -548,6 +559,14 @@ def agent(
     ] = Backend.auto,
     project: Annotated[str | None, typer.Option(help="W&B project (W&B sweeps not created here).")] = None,
     entity: Annotated[str | None, typer.Option(help="W&B entity (W&B sweeps not created here).")] = None,
+    fuse: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Local sweeps: runs each worker trains at once as one fused pack (compatible runs only; each stays "
+            "its own run). Default: 16 on a GPU, 1 on CPU (where packs are slower).",
+        ),
+    ] = None,
 ) -> None:
     """Train the sweeps' runs until they are done (local engine or W&B)."""
     from ablation.agent import plan_workers, run_agent
@@ -558,6 +577,8 @@ def agent(
     sweep_ids = list(dict.fromkeys(sweep_ids))  # each sweep once, first mention sets its priority
     sweeps = [store.sweep(i) if backend != Backend.wandb else None for i in sweep_ids]
     if any(s is None or s["backend"] == "wandb" for s in sweeps):
+        if fuse is not None and fuse > 1:
+            fail("--fuse needs a local sweep: W&B's agent hands out one run at a time (drop --fuse)")
         if len(sweep_ids) > 1 or workers > 1:
             fail(
                 "W&B sweeps run one sweep per agent process: start `lenet agent SWEEP_ID` once per worker (or machine)"
@@ -567,12 +588,12 @@ def agent(
     if retry_failed:
         console.print(f"requeued {sum(store.retry_failed(i) for i in sweep_ids)} failed run(s)", highlight=False)
     gpu_list = [g.strip() for g in gpus.split(",")] if gpus else []
-    specs = plan_workers(sweep_ids, store.path, workers, gpu_list, count, wandb_mode(wandb.value))
-    console.print(
+    specs = plan_workers(sweep_ids, store.location, workers, gpu_list, count, wandb_mode(wandb.value), fuse)
+    say(
         f"agent on sweep(s) {', '.join(sweep_ids)}: {workers} worker(s), "
         + (f"GPUs {','.join(gpu_list)}, " if gpu_list else "")
-        + f"{specs[0].threads} CPU thread(s) each",
-        highlight=False,
+        + f"{specs[0].threads} CPU thread(s) each"
+        + (f", packs of up to {specs[0].fuse} runs" if specs[0].fuse > 1 else "")
     )
     run_agent(specs, agent_event)  # SIGTERM/Ctrl-C: workers stop, their runs are requeued, Interrupted says so
     for sweep_id in sweep_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -12,17 +13,18 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ablation.config import RunConfig
 from ablation.errors import Interrupted, LenetError, OutputError, StoreError
+from ablation.fused import fusable, pack_key, train_pack
 from ablation.signals import StopRequest, StopSignal, signal_name
-from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home
+from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home, runs_home
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
-from ablation.train import cpu_threads, train
+from ablation.train import cpu_threads, resumable, train
 
 Event = Callable[[str, dict[str, Any]], None]  # (kind, details): how workers report to the CLI
 T = TypeVar("T")
@@ -30,6 +32,9 @@ POLL_S = 2.0  # how often a worker with nothing to claim looks again while other
 INTERRUPTED = "agent interrupted; requeued to resume from its last checkpoint"  # the store's reason for a stop
 MAX_REPLACEMENTS = 3  # new processes per worker slot after unexpected deaths (a crash loop must end)
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies (Linux)
+# Default pack size on a GPU: a LeNet-5 step is launch-bound, so K members cost about one step. Not yet measured
+# on a GPU (see docs/benchmarks.md); on CPU packs measured slower than one run at a time, so the default there is 1.
+GPU_PACK = 16
 STOP_GRACE_S = 30.0  # how long stopped workers may take to requeue their runs before they are killed
 
 
@@ -39,11 +44,13 @@ class WorkerSpec:
 
     sweep_ids: tuple[str, ...]
     name: str
-    store_path: Path
+    store_path: Path | str  # the store's location: a SQLite file or a PostgreSQL URL (Store.location)
     count: int | None = None  # runs to train before exiting (over all its sweeps); None = until they are done
     threads: int = 0  # CPU threads for runs that do not set `threads` themselves
     gpu: str | None = None  # CUDA_VISIBLE_DEVICES for this worker
     wandb_mode: str = "offline"  # each local run is also a W&B run in this mode (offline: `wandb sync` later)
+    fuse: int = 1  # runs trained at once as one pack (ablation.fused); 1 = one run at a time
+    home: Path | None = None  # checkpoints and offline W&B runs (None: beside the store file, as runs_home says)
 
 
 class StoreLogger:
@@ -64,17 +71,18 @@ class StoreLogger:
 
 
 class Heartbeat:
-    """A background thread that marks a run alive every timeout/4 seconds while it trains."""
+    """A background thread that marks runs alive every timeout/4 seconds while they train."""
 
-    def __init__(self, store_path: Path, run_id: str) -> None:
+    def __init__(self, store_path: Path | str, *run_ids: str) -> None:
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, args=(store_path, run_id), daemon=True)
+        self.thread = threading.Thread(target=self._beat, args=(store_path, run_ids), daemon=True)
 
-    def _beat(self, store_path: Path, run_id: str) -> None:
+    def _beat(self, store_path: Path | str, run_ids: tuple[str, ...]) -> None:
         while not self.stop.wait(heartbeat_timeout() / 4):
             try:  # its own connection: sqlite connections are not shared across threads
                 with Store(store_path) as store:
-                    store.heartbeat(run_id)
+                    for run_id in run_ids:
+                        store.heartbeat(run_id)
             except StoreError:  # a busy or locked store: the next beat retries (epochs also count as beats)
                 pass
 
@@ -160,51 +168,142 @@ def claim_wandb(store: Store, claim: Claim, spec: WorkerSpec, config: RunConfig)
         dir=str(home_of(spec)),
         resume="allow",
         job_type="sweep",
+        reinit="create_new",  # a pack's members are W&B runs open at once in this process
     )
 
 
 def home_of(spec: WorkerSpec) -> Path:
-    """The project directory that holds this worker's store."""
-    return spec.store_path.parent
+    """The project directory for this worker's checkpoints and offline W&B runs."""
+    return spec.home if spec.home is not None else runs_home(spec.store_path)
 
 
-def claim_next(store: Store, spec: WorkerSpec) -> Claim | str | None:
-    """A run from the first of the worker's sweeps that has one; WAIT while any still has runs in flight."""
+def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | str | None:
+    """Runs from the first of the worker's sweeps that has some (up to `limit`, one pack); WAIT while any
+    still has runs in flight."""
     waiting = False
+    key = functools.partial(pack_of, spec=spec) if limit > 1 else None
     for sweep_id in spec.sweep_ids:
-        claim = store.claim(sweep_id, spec.name, {"threads": spec.threads})  # stored with the run's config
-        if isinstance(claim, Claim):
-            return claim
-        waiting = waiting or claim == WAIT
+        claims = store.claim_many(sweep_id, spec.name, limit, {"threads": spec.threads}, key)  # configs stored
+        if isinstance(claims, list):
+            return claims
+        waiting = waiting or claims == WAIT
     return WAIT if waiting else None
 
 
+def pack_of(claim: Claim, spec: WorkerSpec) -> Hashable:
+    """Which pack a claimed run may join: runs that agree on `pack_key` and ended the same epoch (0: fresh)."""
+    if claim.config is None:
+        return ("alone", claim.run_id)  # its parameters are invalid: it fails alone, saying why
+    config = run_config(claim.config, spec)
+    if not fusable(config):
+        return ("alone", claim.run_id)
+    checkpoint = resumable(home_of(spec) / "runs" / claim.run_id / "last.pt", config) if claim.attempt > 1 else None
+    return pack_key(config), checkpoint["epoch"] if checkpoint else 0
+
+
 def work(spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> int:
-    """Claim and train runs until all its sweeps are done (or `count` runs); returns how many it trained."""
-    # `stop`, set by a signal, ends it (StopSignal) with its run requeued.
+    """Claim and train runs (`spec.fuse` at a time, as one pack) until all its sweeps are done (or `count`
+    runs); returns how many it trained."""
+    # `stop`, set by a signal, ends it (StopSignal) with its runs requeued.
     if spec.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu
     store = Store(spec.store_path)
     done = 0
     while spec.count is None or done < spec.count:
-        claim = claim_next(store, spec)
-        if claim == WAIT:
+        limit = spec.fuse if spec.count is None else min(spec.fuse, spec.count - done)
+        claims = claim_next(store, spec, limit)
+        if claims == WAIT:
             time.sleep(POLL_S)
             continue
-        if claim is None:
+        if claims is None:
             break
-        train_claim(store, claim, spec, on_event, stop)
-        done += 1
+        if len(claims) == 1:
+            train_claim(store, claims[0], spec, on_event, stop)
+        else:
+            train_pack_claims(store, claims, spec, on_event, stop)
+        done += len(claims)
     on_event("exit", {"worker": spec.name, "runs": done})
     return done
 
 
+def train_pack_claims(
+    store: Store, claims: list[Claim], spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None
+) -> None:
+    """Train claimed runs as one pack (ablation.fused); each stays its own run in the store and in W&B."""
+    # As train_claim: a stop signal requeues the members still training (they resume as one pack from their
+    # last.pt) and raises StopSignal; a failed checkpoint write requeues them and is raised; another error fails
+    # them. A member that ends before the others (hyperband, early stopping, divergence) is recorded at once.
+    stop = stop or StopRequest()
+    ids = [c.run_id for c in claims]
+    ended: set[int] = set()
+    runs: list[Any] = []
+    for claim in claims:
+        on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
+
+    def on_end(i: int, summary: dict[str, Any]) -> None:
+        if stop.signum is not None and summary["state"] == "stopped":
+            return  # stopped by the signal, not by the sweep: requeued below
+        store.finish(ids[i], summary["state"], summary)
+        ended.add(i)
+        on_event("end", {"run": ids[i], "state": summary["state"], "summary": summary})
+
+    def unfinished() -> list[str]:
+        return [run_id for i, run_id in enumerate(ids) if i not in ended]
+
+    try:
+        configs = [run_config(c.config or c.params, spec) for c in claims]
+        runs = [claim_wandb(store, c, spec, config) for c, config in zip(claims, configs)]
+        loggers = [FanOut(StoreLogger(store, run_id), *([WandbLogger(r)] if r else [])) for run_id, r in zip(ids, runs)]
+        with Heartbeat(spec.store_path, *ids), stop.deferred():  # a signal ends training at the next batch
+            train_pack(
+                configs,
+                loggers,
+                [home_of(spec) / "runs" / i for i in ids],
+                should_stop=lambda i: store.should_stop(ids[i]),
+                stop_now=stop,
+                resume=any(c.attempt > 1 for c in claims),
+                on_end=on_end,
+            )
+        if stop.signum is not None:
+            raise StopSignal(stop.signum)
+    except KeyboardInterrupt:  # a stop signal (StopSignal) or Ctrl-C: hand the runs back; they resume exactly
+        for run_id in unfinished():
+            store.requeue(run_id, INTERRUPTED)
+        raise
+    except Exception as exc:
+        if stop.signum is not None:
+            for run_id in unfinished():
+                store.requeue(run_id, INTERRUPTED)
+            raise StopSignal(stop.signum) from None
+        if isinstance(exc, OutputError):
+            for run_id in unfinished():
+                store.requeue(run_id, f"requeued: {exc}")
+            raise OutputError(f"{exc}; runs {', '.join(unfinished())} were requeued") from None
+        message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
+        detail = "" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()
+        for run_id in unfinished():
+            store.finish(run_id, "failed", error=message + detail)
+            on_event("end", {"run": run_id, "state": "failed", "error": message})
+    finally:
+        for run in runs:
+            if run is not None:
+                run.finish()
+
+
 def plan_workers(
-    sweep_ids: list[str], store_path: Path, workers: int, gpus: list[str], count: int | None, wandb_mode: str
+    sweep_ids: list[str],
+    store_path: Path | str,
+    workers: int,
+    gpus: list[str],
+    count: int | None,
+    wandb_mode: str,
+    fuse: int | None = None,
 ) -> list[WorkerSpec]:
-    """K workers, the CPU cores split between them (no oversubscription), round-robin over `gpus` if given."""
+    """K workers, the CPU cores split between them (no oversubscription), round-robin over `gpus` if given;
+    each trains `fuse` runs at a time (default: GPU_PACK on a GPU, 1 on CPU)."""
     threads = max(1, cpu_threads(0) // workers)  # GPU workers too, or each one's torch starts a thread per core
     host = socket.gethostname()
+    pack = fuse or default_pack(gpus)
     return [
         WorkerSpec(
             tuple(sweep_ids),
@@ -214,9 +313,18 @@ def plan_workers(
             threads,
             gpus[i % len(gpus)] if gpus else None,
             wandb_mode,
+            pack,
+            runs_home(store_path),
         )
         for i in range(workers)
     ]
+
+
+def default_pack(gpus: list[str]) -> int:
+    """Runs per pack when `--fuse` is not given: GPU_PACK with a GPU, else 1 (on CPU a pack is slower)."""
+    import torch
+
+    return GPU_PACK if gpus or torch.cuda.is_available() else 1
 
 
 def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:

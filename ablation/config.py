@@ -31,6 +31,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data": ("auto", "cifar10", "folder", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "arch": ("lenet5", "resnet8", "resnet20"),  # resnet*: teachers for distillation (CIFAR ResNets, He et al. 2016)
+    "tta": ("none", "flip", "flip_crop"),
+    "teacher_logits": ("online", "precomputed"),
     "preset": (),  # filled from PRESETS below
 }
 
@@ -55,6 +58,12 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     # Seeds seed torch and numpy generators; numpy's take 0 .. 2**32 - 1.
     "seed": (0, 2**32, False),
     "split_seed": (0, 2**32, False),
+    "ema": (0.0, 1.0, False),
+    "cutout": (0, 33, False),  # the box's side in pixels; 32 covers the whole image
+    "mixup": (0.0, FLOAT32_LIMIT, False),
+    "cutmix": (0.0, FLOAT32_LIMIT, False),
+    "distill_weight": (0.0, 1.0, True),
+    "distill_temperature": (0.01, 100.0, True),
 }
 
 
@@ -63,6 +72,7 @@ class RunConfig:
     """Every setting of one training run; the defaults are the `modern` preset."""
 
     # Model: LeNet-5's shape is fixed (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc 10).
+    arch: str = "lenet5"  # resnet8/resnet20: teacher networks (activation, norm, init apply; pooling does not)
     activation: str = "relu"
     pooling: str = "max"
     norm: str = "batch"  # batch norm after every conv and hidden fc layer
@@ -81,8 +91,20 @@ class RunConfig:
     batch_size: int = 128
     epochs: int = 30
     early_stopping: int = 0  # patience in epochs on val loss; 0 = off
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved; 0 = off
+    # Distillation: loss = (1 - w) * CE + w * T^2 * KL(teacher || student at temperature T); off without a teacher.
+    teacher: str = ""  # path of a checkpoint (best.pt) trained on the same split; "" = no distillation
+    distill_weight: float = 0.5  # w; 0 = no distillation
+    distill_temperature: float = 4.0  # T
+    # online: the teacher runs on every batch; precomputed: its logits of every crop/flip view of every training
+    # image are computed once into a file next to it and looked up (pays from ~4 runs of 50 epochs on a CPU)
+    teacher_logits: str = "online"
     # Data.
     augment: str = "crop_flip"  # crop = reflect-pad 4 px then random 32x32 crop
+    cutout: int = 0  # side (px) of a square zeroed at a random centre of every training image; 0 = off
+    mixup: float = 0.0  # Beta(alpha, alpha) of per-image mixup with a random partner; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of per-image cutmix; with mixup, each image takes one at random
+    tta: str = "none"  # test-time augmentation of val and test: the weighted mean of the views' logits
     val_size: int = 5000  # images held out of the training set for validation
     split_seed: int = 0  # fixes which images are held out, independent of `seed`
     data: str = "auto"
@@ -104,6 +126,13 @@ class RunConfig:
                 f"batch_size={self.batch_size} with norm=batch: batch norm needs at least 2 images per batch; "
                 "set batch_size >= 2 or norm=none"
             )
+        if self.teacher_logits == "precomputed" and (self.cutout or self.mixup or self.cutmix):
+            raise ConfigError(
+                "teacher_logits=precomputed holds the crop/flip views only; with cutout, mixup or cutmix "
+                "use teacher_logits=online"
+            )
+        if self.arch != "lenet5" and self.dropout > 0:
+            raise ConfigError(f"dropout is on LeNet-5's hidden fc layers; arch={self.arch} has none, set dropout=0")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -121,18 +150,48 @@ class RunConfig:
         """The plain dict that goes to W&B and into every checkpoint."""
         return dataclasses.asdict(self)
 
+    @property
+    def distilling(self) -> bool:
+        """A teacher is named and weighted: distill_weight=0 is exactly no distillation (no teacher is loaded)."""
+        return bool(self.teacher) and self.distill_weight > 0
+
+    def second_round(self) -> list[str]:
+        """The second-round settings this config turns on (fused packs, ablation/fused.py, implement none yet)."""
+        on = [k for k, off in SECOND_ROUND_OFF.items() if getattr(self, k) != off]
+        return [*on, "teacher"] if self.distilling else on
+
+
+# The second round's settings other than distillation, at their "off" values.
+SECOND_ROUND_OFF: dict[str, Any] = {
+    "arch": "lenet5",
+    "tta": "none",
+    "ema": 0.0,
+    "cutout": 0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+}
 
 FIELD_TYPES: dict[str, type] = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in fields(RunConfig)}
+
+# Settings of where and how a run runs, not of its recipe: no preset sets them (a teacher is a file, like data).
+NOT_TECHNIQUES = (
+    "data",
+    "data_dir",
+    "teacher",
+    "teacher_logits",
+    "device",
+    "precision",
+    "threads",
+    "seed",
+    "val_size",
+    "split_seed",
+    "preset",
+)
 
 # Presets set every technique explicitly, so a preset never silently inherits another's choice.
 PRESETS: dict[str, dict[str, Any]] = {
     # The best recipe found within LeNet-5's shape (see docs/results.md for how it was chosen).
-    "modern": {
-        f.name: f.default
-        for f in fields(RunConfig)
-        if f.name
-        not in ("data", "data_dir", "device", "precision", "threads", "seed", "val_size", "split_seed", "preset")
-    },
+    "modern": {f.name: f.default for f in fields(RunConfig) if f.name not in NOT_TECHNIQUES},
     # Close to LeCun et al. 1998 within LeNet-5's shape: scaled tanh, average pooling, plain SGD,
     # LeCun's fan-in init, no augmentation or regularisation, a constant learning rate.
     "classic": {
@@ -154,6 +213,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 30,
         "early_stopping": 0,
         "augment": "none",
+        "arch": "lenet5",
+        "ema": 0.0,
+        "distill_weight": 0.5,
+        "distill_temperature": 4.0,
+        "cutout": 0,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "tta": "none",
     },
 }
 
@@ -181,6 +248,19 @@ EXTRAS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("early_stopping", {"early_stopping": 5}),
 )
 
+# Second-round techniques the modern recipe does not use; modern_plus_<name> adds one (sweeps/techniques.yaml),
+# at its reference's CIFAR-10 value: TTA as airbench94 (flip; flip + 1 px translations), an EMA horizon of
+# ~1000 steps (~3 epochs at batch 128), cutout 16 px (DeVries & Taylor 2017), mixup alpha 1 (Zhang et al. 2018),
+# cutmix alpha 1 (Yun et al. 2019).
+ADDITIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("tta_flip", {"tta": "flip"}),
+    ("tta_flip_crop", {"tta": "flip_crop"}),
+    ("ema", {"ema": 0.999}),
+    ("cutout", {"cutout": 16}),
+    ("mixup", {"mixup": 1.0}),
+    ("cutmix", {"cutmix": 1.0}),
+)
+
 # The modern recipe with another optimiser at its conventional peak lr (modern itself is Nesterov, 0.1):
 # modern_with_<optimizer> (the optimiser study without an lr grid; sweeps/optim.yaml has the grid).
 # AdamW's decay is decoupled (weights shrink by lr * wd per step), so modern's 5e-4 would be ~no decay at
@@ -195,8 +275,8 @@ OPTIMISERS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 def _technique_presets() -> dict[str, dict[str, Any]]:
-    """path<k>_<technique> (classic + the first k techniques), modern_no_<technique>, modern_plus_<extra>,
-    modern_with_<optimizer>."""
+    """path<k>_<technique> (classic + the first k techniques), modern_no_<technique>, modern_plus_<extra or
+    addition>, modern_with_<optimizer>."""
     classic, modern = PRESETS["classic"], PRESETS["modern"]
     presets, current = {}, dict(classic)
     for k, (name, keys) in enumerate(TECHNIQUES[:-1], start=1):  # the last step is `modern` itself
@@ -204,7 +284,7 @@ def _technique_presets() -> dict[str, dict[str, Any]]:
         presets[f"path{k}_{name}"] = dict(current)
     for name, keys in TECHNIQUES:
         presets[f"modern_no_{name}"] = {**modern, **{key: classic[key] for key in keys}}
-    for name, values in EXTRAS:
+    for name, values in EXTRAS + ADDITIONS:
         presets[f"modern_plus_{name}"] = {**modern, **values}
     for name, values in OPTIMISERS:
         presets[f"modern_with_{name}"] = {**modern, "optimizer": name, **values}

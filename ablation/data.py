@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CACHE_VERSION = 1  # bump when the cached tensor layout changes
+GAMMA_TRIES = 8  # Marsaglia-Tsang candidates per draw: each is accepted with p >= 0.95, all 8 fail with p < 4e-11
 
 
 @dataclass(frozen=True)
@@ -363,27 +365,79 @@ def _reflect(index: torch.Tensor) -> torch.Tensor:
     return 31 - (31 - index.abs()).abs()
 
 
+# The distinct training views of an image: 9 x 9 crop offsets (-4..4 px each way) x 2 mirror states.
+VIEWS = 162
+IDENTITY_VIEW = (4 * 9 + 4) * 2  # no offset, no mirror
+
+
+def augment_draws(
+    batch: int, mode: str, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample crop offsets (2 x B x 1, -4..4 px; 0 without crop) and mirror flags (B x 1; False without flip)."""
+    shift = (
+        torch.randint(-4, 5, (2, batch, 1), generator=gen, device=device)
+        if "crop" in mode
+        else torch.zeros(2, batch, 1, dtype=torch.int64, device=device)
+    )
+    flip = (
+        torch.rand(batch, 1, generator=gen, device=device) < 0.5
+        if "flip" in mode
+        else torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    )
+    return shift, flip
+
+
+def view_indices(shift: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample row and column indices (B x 32 each) that crop (pad 4, reflect) by `shift` and mirror by `flip`."""
+    base = torch.arange(32, device=shift.device)
+    rows, cols = _reflect(base + shift[0]), _reflect(base + shift[1])
+    return rows, torch.where(flip, 31 - cols, cols)
+
+
+def view_ids(shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each sample's view as one number in 0 .. VIEWS - 1 (its crop offsets and mirror state)."""
+    return (((shift[0] + 4) * 9 + shift[1] + 4) * 2 + flip.long()).view(-1)
+
+
+def view_params(view: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop offsets and mirror flags (as `augment_draws` returns them) of one view, for `batch` samples."""
+    dy, dx, flip = view // 18 - 4, view // 2 % 9 - 4, view % 2
+    shift = torch.tensor([dy, dx], device=device).view(2, 1, 1).expand(2, batch, 1)
+    return shift, torch.full((batch, 1), bool(flip), device=device)
+
+
+def reachable_views(mode: str) -> list[int]:
+    """The views an `augment` mode can produce."""
+    shifts = range(-4, 5) if "crop" in mode else (0,)
+    flips = (0, 1) if "flip" in mode else (0,)
+    return [((dy + 4) * 9 + dx + 4) * 2 + f for dy in shifts for dx in shifts for f in flips]
+
+
 def augment_indices(
     batch: int, mode: str, gen: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample row and column indices (B x 32 each) that crop (pad 4, reflect) and/or flip."""
-    base = torch.arange(32, device=device)
-    rows = base.expand(batch, 32)
-    cols = base.expand(batch, 32)
-    if "crop" in mode:
-        shift = torch.randint(-4, 5, (2, batch, 1), generator=gen, device=device)
-        rows, cols = _reflect(rows + shift[0]), _reflect(cols + shift[1])
-    if "flip" in mode:
-        flip = torch.rand(batch, 1, generator=gen, device=device) < 0.5
-        cols = torch.where(flip, 31 - cols, cols)
-    return rows, cols
+    return view_indices(*augment_draws(batch, mode, gen, device))
 
 
 def gather_batch(images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     """The uint8 images at `idx`, each randomly cropped/flipped, in one gather (no per-image Python)."""
+    return gather_views(images, idx, mode, gen)[0]
+
+
+def gather_views(
+    images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gather_batch` that also returns each image's view id (`view_ids`)."""
     if mode == "none":
-        return images[idx]
-    rows, cols = augment_indices(len(idx), mode, gen, images.device)
+        return images[idx], torch.full((len(idx),), IDENTITY_VIEW, device=images.device)
+    assert gen is not None
+    shift, flip = augment_draws(len(idx), mode, gen, images.device)
+    return take_view(images, idx, *view_indices(shift, flip)), view_ids(shift, flip)
+
+
+def take_view(images: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The images at `idx` re-indexed by per-sample `rows` and `cols` (B x 32 each), in one gather."""
     # Flat offsets into the N*3*32*32 tensor: image, channel (1024 px), row (32 px), column.
     channel = torch.arange(3, device=images.device).view(1, 3, 1, 1) * 1024
     offsets = idx.view(-1, 1, 1, 1) * 3072 + channel + rows.view(-1, 1, 32, 1) * 32 + cols.view(-1, 1, 1, 32)
@@ -417,6 +471,11 @@ class Batches:
         return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _, _ in self.views():
+            yield x, y
+
+    def views(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images, labels, their indices, their view ids) per batch: the same batches and draws as iterating."""
         n = len(self.labels)
         order = (
             torch.randperm(n, generator=self.gen, device=self.images.device)
@@ -425,4 +484,96 @@ class Batches:
         )
         for start in range(0, self._stop(), self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self.normalise(gather_batch(self.images, idx, self.augment, self.gen)), self.labels[idx]
+            x, view = gather_views(self.images, idx, self.augment, self.gen)
+            yield self.normalise(x), self.labels[idx], idx, view
+
+
+def sample_gamma_log(shape: float, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """log of n Gamma(shape, 1) draws (Marsaglia & Tsang 2000, batched: GAMMA_TRIES candidates each, the first
+    accepted is kept); shape < 1 uses Gamma(shape + 1) * U^(1/shape). Logs, so tiny draws never round to 0."""
+    boost = shape < 1
+    d = (shape + 1 if boost else shape) - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    z = torch.randn(n, GAMMA_TRIES, generator=gen, device=device)
+    u = torch.rand(n, GAMMA_TRIES, generator=gen, device=device)
+    v = (1 + c * z).clamp_min(1e-12) ** 3
+    accepted = (1 + c * z > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v))
+    first = accepted.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    log_g = math.log(d) + torch.log(v.gather(1, first).squeeze(1))
+    if boost:
+        log_g = log_g + torch.log(torch.rand(n, generator=gen, device=device).clamp_min(1e-38)) / shape
+    return log_g
+
+
+def sample_beta(alpha: float, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """n draws from Beta(alpha, alpha) as X / (X + Y), X, Y ~ Gamma(alpha), from `gen` (reproducible)."""
+    log_g = sample_gamma_log(alpha, 2 * n, gen, device)
+    return torch.sigmoid(log_g[:n] - log_g[n:])
+
+
+def box_mask(top: torch.Tensor, left: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """B x 1 x 32 x 32 bool masks of size x size squares at (top, left) per image, clipped at the border."""
+    pixels = torch.arange(32, device=top.device)
+    rows = (pixels >= top.view(-1, 1)) & (pixels < (top + size).view(-1, 1))
+    cols = (pixels >= left.view(-1, 1)) & (pixels < (left + size).view(-1, 1))
+    return (rows[:, :, None] & cols[:, None, :])[:, None]
+
+
+def random_boxes(size: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Masks of squares of side `size` (per image) centred at a uniformly random pixel (DeVries & Taylor 2017,
+    Yun et al. 2019: the centre is anywhere in the image and the box is clipped, so it may be smaller)."""
+    centre = torch.randint(0, 32, (2, len(size)), generator=gen, device=size.device)
+    return box_mask(centre[0] - size // 2, centre[1] - size // 2, size)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero (= the mean colour, after normalisation) one size x size square per image, at a random centre."""
+    return x.masked_fill(random_boxes(torch.full((len(x),), size, device=x.device), gen), 0.0)
+
+
+def mix_batch(
+    x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image mixup/cutmix with a partner from one random permutation of the batch: (images, partner labels,
+    lambda = the weight of each image's own label). Each image draws its own lambda ~ Beta(alpha, alpha) (timm's
+    `elem` mode); cutmix pastes the partner's box of area (1 - lambda) * 32^2 and recomputes lambda from the
+    clipped box; with both on, each image takes one of the two with probability 1/2."""
+    n = len(y)
+    perm = torch.randperm(n, generator=gen, device=x.device)
+    other, other_y = x[perm], y[perm]
+    mixed, lam = x, torch.ones(n, device=x.device)
+    if mixup > 0:
+        lam = sample_beta(mixup, n, gen, x.device)
+        mixed = torch.lerp(other, x, lam.view(-1, 1, 1, 1).to(x.dtype))
+    if cutmix > 0:
+        side = (32 * torch.sqrt(1 - sample_beta(cutmix, n, gen, x.device))).long()
+        box = random_boxes(side, gen)
+        cut, cut_lam = torch.where(box, other, x), 1 - box.sum((1, 2, 3)) / 1024.0
+        if mixup > 0:
+            use_cut = torch.rand(n, generator=gen, device=x.device) < 0.5
+            cut = torch.where(use_cut.view(-1, 1, 1, 1), cut, mixed)
+            cut_lam = torch.where(use_cut, cut_lam, lam)
+        mixed, lam = cut, cut_lam
+    return mixed.contiguous(memory_format=_layout(x)), other_y, lam
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits `evaluate` sums. flip: the image and its mirror, 1/2 each;
+    flip_crop (airbench94's mirror + translate): that pair at 1/2, and the pair shifted by 1 px up-left and
+    down-right (reflect padding, as the training crop) at 1/4 each."""
+    if mode == "none":
+        return [(1.0, x)]
+    if mode == "flip":
+        return [(0.5, x), (0.5, x.flip(3))]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    return [(0.25, x), (0.25, x.flip(3))] + [(0.125, v) for s in shifted for v in (s, s.flip(3))]
+
+
+def fixed_subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of min(size, n) of n images, fixed by `seed` (the clean-train-accuracy subset)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values

@@ -29,12 +29,15 @@ from ablation.tracking import Logger
 from ablation.train import (
     Record,
     autocast_dtype,
+    checkpoint,
+    clean_stream,
     cpu_threads,
     lr_factor,
     make_optimizer,
     prepare,
     resolve_device,
-    save_checkpoint,
+    resumable,
+    write_checkpoints,
 )
 
 # Settings every member of a pack shares: they fix the stacked model's shape, the batches and the step count.
@@ -57,6 +60,12 @@ PACK_SETTINGS = (
 FAMILIES = {"sgd": "sgd", "momentum": "sgd", "nesterov": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop"}
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam/AdamW defaults, as make_optimizer uses them
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop defaults
+# Our per-parameter optimiser state and torch.optim's names for it, per family.
+STATE_NAMES = {
+    "sgd": (("buf", "momentum_buffer"),),
+    "adam": (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")),
+    "rmsprop": (("square_avg", "square_avg"),),
+}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm defaults
 # The standalone LeNet-5's stateful layers in order; a `bn*` entry exists only with norm=batch.
 LAYERS = ("conv1", "bn1", "conv2", "bn2", "fc1", "bn3", "fc2", "bn4", "fc3")
@@ -68,10 +77,22 @@ def pack_key(config: RunConfig) -> tuple[Any, ...]:
     return (*(getattr(config, name) for name in PACK_SETTINGS), FAMILIES[config.optimizer])
 
 
+def fusable(config: RunConfig) -> bool:
+    """Whether a run can train as a pack member: not with fp16 (its loss scaling is per run) or the second
+    round's settings (TTA, EMA, mixing, cutout, distillation, other architectures): not in packs yet."""
+    return config.precision != "fp16" and not config.second_round()
+
+
 def check_pack(configs: Sequence[RunConfig]) -> None:
     """Raise ConfigError naming the first setting on which the members of a would-be pack disagree."""
     if not configs:
         raise ConfigError("a pack needs at least one run config")
+    for config in configs:
+        if config.second_round():
+            raise ConfigError(
+                f"fused training does not implement {', '.join(config.second_round())} yet; train such runs one "
+                "at a time (lenet agent without --fuse)"
+            )
     first = pack_key(configs[0])
     for config in configs[1:]:
         key = pack_key(config)
@@ -188,6 +209,15 @@ class StackedLeNet(nn.Module):
                 p.copy_(self._get(name, pname)[i])
         return model
 
+    @torch.no_grad()
+    def load_member(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Set member i from a standalone LeNet-5 state_dict (a checkpoint's "model")."""
+        twin = self.member(i)
+        twin.load_state_dict(state)
+        for name, layer in stateful_layers(twin).items():
+            for pname, p in [*layer.named_parameters(), *layer.named_buffers()]:
+                self._get(name, pname)[i].copy_(p)
+
     def stacked_weights(self) -> list[nn.Parameter]:
         """The conv/fc weights (ndim > 1 in a standalone model): weight decay and l1 apply to these only."""
         return [p for p in self.parameters() if p.ndim > 2]
@@ -216,6 +246,17 @@ class StackedOptimizer:
         self.decoupled = torch.tensor([c.optimizer == "adamw" for c in configs], device=p0.device)
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
         self.steps = 0
+
+    @torch.no_grad()
+    def load_member(self, i: int, config: RunConfig, twin: nn.Module, saved: dict[str, Any]) -> None:
+        """Set member i's state from a torch optimiser state_dict of `twin` (make_optimizer's, in a checkpoint)."""
+        optimizer = make_optimizer(twin, config)
+        optimizer.load_state_dict(saved)
+        for p, stacked, state in zip(twin.parameters(), self.params, self.state):  # the twin's order is the stack's
+            entry = optimizer.state.get(p, {})
+            for name, torch_name in STATE_NAMES[self.family]:
+                if torch_name in entry:
+                    state.setdefault(name, torch.zeros_like(stacked))[i].copy_(entry[torch_name])
 
     @torch.no_grad()
     def step(self, factor: torch.Tensor, active: torch.Tensor | None = None) -> None:
@@ -436,101 +477,172 @@ def train_pack(
     dataset: Dataset | None = None,
     should_stop: Callable[[int], bool] | None = None,
     stop_now: Callable[[], bool] | None = None,
+    resume: bool = False,
+    on_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train a pack; each member logs, checkpoints and summarises as `train(config, logger)` would.
 
     `should_stop(i)` is asked after every epoch for each running member (a stopped member stops updating, the
     others go on); `stop_now` before every batch stops the whole pack. A diverged member ends `diverged` alone.
-    Each member's best.pt and last.pt are standalone checkpoints: `train(config, resume=True)` continues last.pt."""
-    start = time.perf_counter()
-    check_pack(configs)
-    first, k = configs[0], len(configs)
-    if len(loggers) != k or (checkpoint_dirs is not None and len(checkpoint_dirs) != k):
-        raise ConfigError(
-            f"a pack of {k} runs needs {k} loggers and {k} checkpoint folders (or none); pass one per run"
-        )
-    device = resolve_device(first.device)
-    torch.set_num_threads(cpu_threads(first.threads))
-    dtype = autocast_dtype(first.precision, device)
-    if dtype == torch.float16:
-        raise ConfigError("precision=fp16 is not supported by fused training yet; use precision=bf16")
-    dataset = dataset or load_dataset(first)
-    streams, val_b, test_b = pack_streams(configs, dataset, device)
-    _, group = seed_groups(configs)
-    model = StackedLeNet(configs, len(dataset.classes)).to(device)
-    trainer = PackTrainer(configs, model, len(streams[0]), dtype)
-    records = [Record(c) for c in configs]
-    running = list(range(k))
-    resume: dict[int, dict[str, Any]] = {}  # each member's last whole-epoch state, for last.pt
-    cut_short = False
-    for epoch in range(1, first.epochs + 1):
-        if not running:
-            break
-        tick = time.perf_counter()
-        result = _epoch(trainer, streams, group.to(device), [loggers[i] for i in running], stop_now)
-        if result is None:
-            for i in running:
-                records[i].state = "stopped"
-            cut_short = True
-            break
+    A member that ends before the others is summarised then, and `on_end(i, summary)` told at once. Each
+    member's best.pt and last.pt are standalone checkpoints (`train(config, resume=True)` continues last.pt);
+    `resume` continues every member from its last.pt as one pack (they must have ended the same epoch)."""
+    return Pack(configs, loggers, checkpoint_dirs, dataset, on_end).run(should_stop, stop_now, resume)
+
+
+class Pack:
+    """One pack's run: the stacked model and optimiser, each member's record, and its checkpoints."""
+
+    def __init__(
+        self,
+        configs: Sequence[RunConfig],
+        loggers: Sequence[Logger],
+        checkpoint_dirs: Sequence[Path] | None,
+        dataset: Dataset | None,
+        on_end: Callable[[int, dict[str, Any]], None] | None,
+    ) -> None:
+        self.start = time.perf_counter()
+        check_pack(configs)
+        self.configs, self.loggers, self.dirs, self.on_end = list(configs), list(loggers), checkpoint_dirs, on_end
+        k = len(configs)
+        if len(loggers) != k or (checkpoint_dirs is not None and len(checkpoint_dirs) != k):
+            raise ConfigError(
+                f"a pack of {k} runs needs {k} loggers and {k} checkpoint folders (or none); pass one per run"
+            )
+        first = configs[0]
+        self.device = resolve_device(first.device)
+        torch.set_num_threads(cpu_threads(first.threads))
+        self.dtype = autocast_dtype(first.precision, self.device)
+        if self.dtype == torch.float16:
+            raise ConfigError("precision=fp16 is not supported by fused training yet; use precision=bf16")
+        self.dataset = dataset or load_dataset(first)
+        self.streams, self.val_b, self.test_b = pack_streams(configs, self.dataset, self.device)
+        self.clean_b = clean_stream(self.streams[0], first.split_seed)
+        self.group = seed_groups(configs)[1].to(self.device)
+        self.model = StackedLeNet(configs, len(self.dataset.classes)).to(self.device)
+        self.trainer = PackTrainer(configs, self.model, len(self.streams[0]), self.dtype)
+        self.records = [Record(c) for c in configs]
+        self.running = list(range(k))
+        self.resume_states: dict[int, dict[str, Any]] = {}  # each member's last whole-epoch state, for last.pt
+        self.summaries: dict[int, dict[str, Any]] = {}
+
+    def run(
+        self, should_stop: Callable[[int], bool] | None, stop_now: Callable[[], bool] | None, resume: bool
+    ) -> list[dict[str, Any]]:
+        """Train until every member has ended (or `stop_now` cuts the pack short); each member's summary."""
+        first = self.restore() + 1 if resume else 1
+        asked = functools.partial(_asked, should_stop=should_stop, stop_now=stop_now)
+        cut_short = False
+        for epoch in range(first, self.configs[0].epochs + 1):
+            if not self.running:
+                break
+            tick = time.perf_counter()
+            result = _epoch(self.trainer, self.streams, self.group, [self.loggers[i] for i in self.running], stop_now)
+            if result is None:
+                for i in self.running:
+                    self.records[i].state = "stopped"
+                cut_short = True
+                break
+            self.end_epoch(epoch, result, tick, asked)
+        for i in list(self.running):
+            self.finish(i, resumable=not cut_short)  # a cut-short epoch's weights are not resumable
+        return [self.summaries[i] for i in range(len(self.configs))]
+
+    def end_epoch(
+        self, epoch: int, result: tuple[list[float], list[float], int], tick: float, asked: Callable[[int], bool]
+    ) -> None:
+        """Evaluate, log and checkpoint every running member (all checkpoints written as one, so the members'
+        last.pt stay at one epoch); members that stop now are finished."""
         losses, accs, seen = result
-        val_loss, val_acc = evaluate_pack(model, val_b, dtype)
+        val_loss, val_acc = evaluate_pack(self.model, self.val_b, self.dtype)
+        _, clean_acc = evaluate_pack(self.model, self.clean_b, self.dtype)
         seconds = time.perf_counter() - tick
-        for i in list(running):
+        files: dict[Path, dict[str, Any]] = {}
+        stopping = []
+        for i in self.running:
             metrics = {
                 "train/loss": losses[i],
                 "train/acc": accs[i],
+                "train/clean_acc": clean_acc[i],
                 "val/loss": val_loss[i],
                 "val/acc": val_acc[i],
-                "lr": trainer.lr(i),
+                "lr": self.trainer.lr(i),
                 "time/epoch_s": seconds,
-                "throughput/img_s": (seen + len(val_b.labels)) / seconds,
+                "throughput/img_s": (seen + len(self.val_b.labels) + len(self.clean_b.labels)) / seconds,
             }
-            loggers[i].log(metrics, epoch)
-            twin = model.member(i)
-            if records[i].add(epoch, metrics, twin) and checkpoint_dirs:
-                save_checkpoint(
-                    checkpoint_dirs[i] / "best.pt", twin, configs[i], dataset, records[i].summary(), epoch, val_b
-                )
-            if records[i].should_stop(functools.partial(_asked, i, should_stop, stop_now)):
-                running.remove(i)
-                trainer.freeze(i)
-            if checkpoint_dirs:
-                resume[i] = member_resume_state(trainer, i, streams[int(group[i])], records[i])
-                save_checkpoint(
-                    checkpoint_dirs[i] / "last.pt",
-                    twin,
-                    configs[i],
-                    dataset,
-                    records[i].summary(),
-                    epoch,
-                    val_b,
-                    resume[i],
-                )
-    summaries = []
-    for i, config in enumerate(configs):
-        twin = model.member(i)
-        summary = records[i].finish(twin, test_b, dtype, start)
+            self.loggers[i].log(metrics, epoch)
+            record = self.records[i]
+            if record.add(epoch, metrics, self.model.member(i)) and self.dirs:
+                files[self.dirs[i] / "best.pt"] = self.checkpoint(i, record.summary(), epoch)
+            if record.should_stop(functools.partial(asked, i)):
+                stopping.append(i)
+            if self.dirs:
+                self.resume_states[i] = member_resume_state(self.trainer, i, self.streams[int(self.group[i])], record)
+                files[self.dirs[i] / "last.pt"] = self.checkpoint(i, record.summary(), epoch, self.resume_states[i])
+        write_checkpoints(files)
+        for i in stopping:
+            self.trainer.freeze(i)
+            self.finish(i, resumable=True)
+
+    def finish(self, i: int, resumable: bool) -> None:
+        """Member i has ended: its test metrics (of its best-val weights), final last.pt, summary and `on_end`."""
+        self.running.remove(i)
+        twin, record = self.model.member(i), self.records[i]
+        summary = record.finish(twin, self.test_b, self.dtype, self.start)
         summary.update(
-            dataset=dataset.name,
+            dataset=self.dataset.name,
             params=count_parameters(twin),
-            device=str(device),
+            device=str(self.device),
             threads=torch.get_num_threads(),
             torch=str(torch.__version__),
             python=platform.python_version(),
-            pack_size=k,
+            pack_size=len(self.configs),
         )
-        if checkpoint_dirs and not cut_short and i in resume:  # a cut-short epoch's weights are not resumable
-            resume[i]["record"] = records[i].dump()
-            save_checkpoint(
-                checkpoint_dirs[i] / "last.pt", twin, config, dataset, summary, records[i].last_epoch, val_b, resume[i]
+        if self.dirs and resumable and i in self.resume_states:
+            self.resume_states[i]["record"] = record.dump()
+            last = self.checkpoint(i, summary, record.last_epoch, self.resume_states[i])
+            write_checkpoints({self.dirs[i] / "last.pt": last})
+        self.loggers[i].summary(summary)
+        self.summaries[i] = summary
+        if self.on_end is not None:
+            self.on_end(i, summary)
+
+    def checkpoint(self, i: int, metrics: dict[str, Any], epoch: int, resume: dict | None = None) -> dict[str, Any]:
+        """Member i's checkpoint contents, in the standalone format."""
+        return checkpoint(self.model.member(i), self.configs[i], self.dataset, metrics, epoch, self.val_b, resume)
+
+    def restore(self) -> int:
+        """Continue every member from its last.pt; returns the epoch they ended (0: none had one, start afresh)."""
+        if not self.dirs:
+            return 0
+        payloads = [resumable(d / "last.pt", c) for d, c in zip(self.dirs, self.configs)]
+        epochs = {p["epoch"] if p else 0 for p in payloads}
+        if len(epochs) > 1:
+            raise ConfigError(
+                f"the runs of this pack ended different epochs ({', '.join(map(str, sorted(epochs)))}) and cannot "
+                "resume as one pack; resume them in packs of runs that ended the same epoch"
             )
-        loggers[i].summary(summary)
-        summaries.append(summary)
-    return summaries
+        if epochs == {0}:
+            return 0
+        for i, payload in enumerate(payloads):
+            state = payload["resume"]
+            self.model.load_member(i, payload["model"])
+            self.trainer.optimizer.load_member(i, self.configs[i], self.model.member(i), state["optimizer"])
+            self.trainer.optimizer.steps = state["scheduler"]["last_epoch"]
+            stream = self.streams[int(self.group[i])]
+            if state["data_rng"].numel() == stream.gen.get_state().numel():  # else saved on another device type
+                stream.gen.set_state(state["data_rng"])
+            self.records[i].load(state["record"])
+            self.resume_states[i] = state
+        torch.set_rng_state(payloads[0]["resume"]["torch_rng"])  # dropout draws from the pack's one stream
+        if payloads[0]["resume"].get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payloads[0]["resume"]["cuda_rng"])
+        return epochs.pop()
 
 
-def _asked(i: int, should_stop: Callable[[int], bool] | None, stop_now: Callable[[], bool] | None) -> bool:
+def _asked(
+    i: int, should_stop: Callable[[int], bool] | None = None, stop_now: Callable[[], bool] | None = None
+) -> bool:
     """Whether member i is told to stop from outside (a signal for the whole pack, or its own sweep stop)."""
     return bool(stop_now and stop_now()) or bool(should_stop and should_stop(i))
 

@@ -1,4 +1,5 @@
-"""LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc 10) with every modern switch."""
+"""LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc 10) with every modern switch, and the
+CIFAR ResNets (He et al. 2016, section 4.2) that serve as distillation teachers."""
 
 from __future__ import annotations
 
@@ -45,7 +46,19 @@ def _block(layer: nn.Module, width: int, config: RunConfig, conv: bool) -> list[
     return parts
 
 
+# Basic blocks per stage of the CIFAR ResNets: 6n + 2 layers (resnet8: n = 1, resnet20: n = 3).
+RESNET_BLOCKS = {"resnet8": 1, "resnet20": 3}
+ARCH_NAMES = {"lenet5": "LeNet-5", "resnet8": "ResNet-8", "resnet20": "ResNet-20"}
+
+
 def build_model(config: RunConfig, num_classes: int = 10) -> nn.Sequential:
+    """The network `config.arch` names, for 3x32x32 inputs, with the switches of `config`."""
+    if config.arch in RESNET_BLOCKS:
+        return build_resnet(config, RESNET_BLOCKS[config.arch], num_classes)
+    return build_lenet(config, num_classes)
+
+
+def build_lenet(config: RunConfig, num_classes: int = 10) -> nn.Sequential:
     """LeNet-5 for 3x32x32 inputs, shaped exactly as in LeCun et al. 1998, switches from `config`."""
     bias = config.norm == "none"  # a bias before batch norm is cancelled by its mean subtraction
     model = nn.Sequential(
@@ -56,6 +69,48 @@ def build_model(config: RunConfig, num_classes: int = 10) -> nn.Sequential:
         *_block(nn.Linear(120, 84, bias=bias), 84, config, conv=False),
         nn.Linear(84, num_classes),
     )
+    init_weights(model, config.init, config.activation)
+    return model
+
+
+def _norm2d(width: int, config: RunConfig) -> nn.Module:
+    return nn.BatchNorm2d(width) if config.norm == "batch" else nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection; a 1x1 projection (option B) where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, config: RunConfig) -> None:
+        super().__init__()
+        bias = config.norm == "none"
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+        self.bn1 = _norm2d(cout, config)
+        self.act1 = make_activation(config.activation)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
+        self.bn2 = _norm2d(cout, config)
+        self.shortcut = (
+            nn.Sequential()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias), _norm2d(cout, config))
+        )
+        self.act2 = make_activation(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+def build_resnet(config: RunConfig, blocks: int, num_classes: int = 10) -> nn.Sequential:
+    """A CIFAR ResNet of 6 * blocks + 2 layers: 3x3 conv 16, three stages (16, 32, 64 channels; the last two
+    halve the resolution), global average pool, fc; `activation`, `norm` and `init` come from `config`."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=config.norm == "none"), _norm2d(16, config)]
+    layers.append(make_activation(config.activation))
+    cin = 16
+    for width, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(blocks):
+            layers.append(BasicBlock(cin, width, stride if i == 0 else 1, config))
+            cin = width
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
     init_weights(model, config.init, config.activation)
     return model
 

@@ -1,8 +1,11 @@
-"""The embedded local sweep store: one SQLite file (WAL) holding sweeps, runs, heartbeats and histories.
+"""The local sweep store: sweeps, runs, heartbeats and histories, in one SQLite file (WAL) or a PostgreSQL database.
 
-Claims run inside `BEGIN IMMEDIATE`, so any number of worker processes can claim concurrently without
-training a grid point twice or skipping one. The file carries a schema version (`PRAGMA user_version`); an
-existing file is checked read-only (SQLite? intact? ours? not newer?) before anything is written to it."""
+`LENET_STORE` picks it: a path or `sqlite:///abs/path.db` (default `$LENET_HOME/lenet.db`), or a libpq URL
+(`postgresql://user@host/db`, `postgresql:///db?host=/socket/dir`) for several hosts. Claims run inside one
+write lock (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: a transaction-scoped advisory lock), so any number of worker
+processes can claim concurrently without training a grid point twice or skipping one. A SQLite file carries a
+schema version (`PRAGMA user_version`) and is checked read-only (SQLite? intact? ours? not newer?) before
+anything is written to it; a PostgreSQL database keeps its version in the `meta` table."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import importlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -24,7 +28,17 @@ from typing import Any
 
 from ablation.config import RunConfig
 from ablation.errors import ConfigError, StoreError, StoreWriteError, SweepError
-from ablation.sweep import grid_size, quiet, suggest, sweep_run, to_stop
+from ablation.sweep import (
+    closest_band,
+    grid_size,
+    hyperband,
+    hyperband_stops,
+    is_number,
+    quiet,
+    suggest,
+    suggest_grid,
+    sweep_run,
+)
 
 # The schema's history, one step per version; a store at version N runs steps N+1.. when opened.
 # (The first release wrote version 1's tables without setting user_version: 0 with those tables means 1.)
@@ -54,10 +68,56 @@ MIGRATIONS = (
         inconclusive INTEGER NOT NULL, runs_added INTEGER NOT NULL, outcome TEXT NOT NULL,
         open_comparisons TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (sweep_id, look));
     """,
+    # 4: what claims and hyperband checks read, indexed, so neither reloads every history: runs by state, and
+    # `rungs`, each run's valid values of its sweep's metric in order (pos 1, 2, ...; hyperband compares runs at
+    # positions), filled from the histories already stored
+    """
+    CREATE INDEX runs_by_state ON runs (sweep_id, state, idx);
+    CREATE TABLE rungs (
+        sweep_id TEXT NOT NULL, run_id TEXT NOT NULL REFERENCES runs(id), epoch INTEGER NOT NULL,
+        pos INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (run_id, epoch));
+    CREATE INDEX rungs_by_pos ON rungs (sweep_id, pos, value);
+    INSERT INTO rungs (sweep_id, run_id, epoch, pos, value)
+        SELECT sweep_id, run_id, epoch, ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY epoch), value FROM (
+            SELECT r.sweep_id, h.run_id, h.epoch,
+                json_extract(h.metrics, '$."' || json_extract(s.config, '$.metric.name') || '"') AS value
+            FROM history h JOIN runs r ON r.id = h.run_id JOIN sweeps s ON s.id = r.sweep_id)
+        WHERE typeof(value) IN ('real', 'integer');
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# The same schema (version SCHEMA_VERSION) for PostgreSQL, created in one step: the same tables and columns in the
+# same order (the statements are shared), in PostgreSQL's types (REAL is float4 there); its version in `meta`.
+PG_SCHEMA = """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sweeps (
+        id TEXT PRIMARY KEY, name TEXT, backend TEXT NOT NULL, config TEXT NOT NULL, seed BIGINT NOT NULL,
+        state TEXT NOT NULL, project TEXT, entity TEXT, created_at DOUBLE PRECISION NOT NULL);
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY, sweep_id TEXT NOT NULL REFERENCES sweeps(id), idx INTEGER NOT NULL,
+        params TEXT NOT NULL, state TEXT NOT NULL, worker TEXT, pid BIGINT, host TEXT, attempts INTEGER NOT NULL,
+        heartbeat_at DOUBLE PRECISION, created_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION,
+        ended_at DOUBLE PRECISION, summary TEXT, error TEXT, should_stop INTEGER NOT NULL DEFAULT 0, config TEXT,
+        UNIQUE (sweep_id, idx));
+    CREATE TABLE history (
+        run_id TEXT NOT NULL REFERENCES runs(id), epoch INTEGER NOT NULL, metrics TEXT NOT NULL,
+        PRIMARY KEY (run_id, epoch));
+    CREATE TABLE looks (
+        sweep_id TEXT NOT NULL REFERENCES sweeps(id), look INTEGER NOT NULL, seeds INTEGER NOT NULL,
+        target INTEGER, alpha DOUBLE PRECISION NOT NULL, equivalence DOUBLE PRECISION NOT NULL,
+        comparisons INTEGER NOT NULL, inconclusive INTEGER NOT NULL, runs_added INTEGER NOT NULL,
+        outcome TEXT NOT NULL, open_comparisons TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (sweep_id, look));
+    CREATE INDEX runs_by_state ON runs (sweep_id, state, idx);
+    CREATE TABLE rungs (
+        sweep_id TEXT NOT NULL, run_id TEXT NOT NULL REFERENCES runs(id), epoch INTEGER NOT NULL,
+        pos INTEGER NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, epoch));
+    CREATE INDEX rungs_by_pos ON rungs (sweep_id, pos, value);
+"""
+PG_LOCK = 0x6C656E6574  # the advisory lock every write transaction on a PostgreSQL store takes ("lenet")
 TERMINAL = ("finished", "failed", "diverged", "stopped", "stopped_early")
 WAIT = "wait"  # claim() result: nothing to claim now, but runs in flight may still be requeued
+PAGE = 64  # pending runs a claim reads at a time
 FULL_BELOW = 1 << 20  # bytes free under which a failed write or open is put down to a full disk
 
 
@@ -102,6 +162,14 @@ def resolved_config(params: dict[str, Any], defaults: dict[str, Any] | None = No
         return RunConfig.from_dict({**(defaults or {}), **params}).to_dict()
     except ConfigError:
         return None  # training reports the bad setting as the run's error
+
+
+def candidate(row: sqlite3.Row, sweep_id: str, defaults: dict[str, Any] | None) -> Claim:
+    """The claim a pending run's row would become: a resumed run keeps the config it started with."""
+    params = json.loads(row["params"])
+    resumed = row["attempts"] > 0 and row["config"]  # retry_failed sets attempts 0: a fresh start
+    config = json.loads(row["config"]) if resumed else resolved_config(params, defaults)
+    return Claim(row["id"], sweep_id, params, row["attempts"] + 1, config)
 
 
 # ---- What can go wrong with the file, in one line each (and never "damaged" unless it is) ----
@@ -198,13 +266,28 @@ def schema_version(db: sqlite3.Connection, path: Path) -> int:
     return version
 
 
+HEADERS: dict[tuple[int, int], int] = {}  # (device, inode) -> a descriptor kept open to read the store's header
+
+
+def read_header(path: Path) -> bytes:
+    """The first 100 bytes of the file (SQLite's header), read through a descriptor this process never closes:
+    closing any descriptor of a file drops the POSIX locks this process's SQLite connections hold on it, after
+    which another process could fold the WAL away under them ("file is not a database")."""
+    st = os.stat(path)
+    fd = HEADERS.get((st.st_dev, st.st_ino))
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)  # the file opened (replaced since the stat? then this one; a duplicate stays open)
+        HEADERS.setdefault((st.st_dev, st.st_ino), fd)
+    return os.pread(fd, 100, 0)
+
+
 def check_file(path: Path) -> int:
     """Check an existing store file without writing to it; returns its schema version (0: no file yet, or empty)."""
     if path.is_dir():
         raise StoreError(f"the sweep store {path} is a folder, not a file; move it away or set LENET_HOME elsewhere")
     try:
-        with open(path, "rb") as fh:
-            header = fh.read(100)
+        header = read_header(path)
     except FileNotFoundError:
         return 0
     except OSError as exc:
@@ -302,17 +385,209 @@ def make_folder(folder: Path) -> None:
         ) from None
 
 
-class Store:
-    """A connection to the store file; open one per process (and `close` it, or use it in a `with`)."""
+# ---- The store as a URL, and PostgreSQL ----
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = Path(path or home() / "lenet.db")
+URL_FORMS = "a path, sqlite:///abs/path.db, postgresql://user@host/db or postgresql:///db?host=/socket/dir"
+
+
+def store_location(where: Path | str | None = None) -> Path | str:
+    """Where the store is: a Path (a SQLite file) or a PostgreSQL URL; default $LENET_STORE, else
+    $LENET_HOME/lenet.db. A Path is always a file; a string may be a path or a URL."""
+    if where is None:
+        where = os.environ.get("LENET_STORE") or home() / "lenet.db"
+    if isinstance(where, Path):
+        return where
+    url = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?", where)  # a scheme (a path has none, bar a typo's)
+    if not url or (not url[2] and url[1] not in ("sqlite", "postgresql", "postgres")):
+        return Path(where)
+    scheme, rest = url[1], where[url.end() :]
+    if not url[2]:
+        raise StoreError(f"bad store URL {shown(where)!r}: no // after {scheme}:; use {URL_FORMS}")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise StoreError(
+                f"bad store URL {where!r}: a SQLite URL names an absolute file, as sqlite:///abs/path.db (three "
+                f"slashes); fix LENET_STORE or --store"
+            )
+        return Path(rest)
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise StoreError(
+                f"the store {shown(where)} is a PostgreSQL database, which needs psycopg 3: pip install "
+                f"'psycopg[binary]' (or point LENET_STORE at a SQLite file)"
+            ) from None
+        try:
+            conninfo_to_dict(where)
+        except Exception as exc:  # psycopg.ProgrammingError: libpq cannot parse it
+            raise StoreError(f"bad store URL {shown(where)!r} ({one_line(exc)}); use {URL_FORMS}") from None
+        return where
+    raise StoreError(f"bad store URL {shown(where)!r}: unknown scheme {scheme!r}; use {URL_FORMS}")
+
+
+def runs_home(location: Path | str) -> Path:
+    """The folder for a store's checkpoints and offline W&B runs: beside a SQLite file, else $LENET_HOME."""
+    return location.parent if isinstance(location, Path) else home()
+
+
+def shown(url: str) -> str:
+    """A URL fit to print: its password hidden."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return url.replace(f":{parts.password}@", ":***@", 1)
+    except ValueError:
+        pass
+    return url
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line."""
+    return " ".join(str(exc).split())
+
+
+def pg_error(exc: Exception, url: str) -> StoreError:
+    """psycopg's error as one line that names the cause and the fix."""
+    import psycopg
+
+    what = one_line(exc)
+    if isinstance(exc, psycopg.OperationalError) and ("connect" in what or "server" in what):
+        hint = "is the server running? check the URL (LENET_STORE or --store)"
+        if "does not exist" in what:
+            hint = "create it (createdb NAME), or check the URL (LENET_STORE or --store)"
+        elif "authentication" in what or "password" in what:
+            hint = "check the user and password in the URL (LENET_STORE or --store), or the server's pg_hba.conf"
+        elif "refused" in what or "No such file" in what:
+            what = f"connection refused: {what}"
+        return StoreError(f"cannot reach the PostgreSQL store {shown(url)} ({what}); {hint}")
+    return StoreError(f"the PostgreSQL store {shown(url)} failed ({what}); retry, or report it with LENET_DEBUG=1")
+
+
+class PgRow(tuple):
+    """A PostgreSQL row readable by index and by column name, and by dict(), as sqlite3.Row."""
+
+    columns: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:
+        return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.columns)
+
+
+def pg_rows(cursor: Any) -> Callable[[Any], PgRow]:
+    """psycopg's row factory for PgRow."""
+    columns = {c.name: i for i, c in enumerate(cursor.description or [])}
+
+    def make(values: Any) -> PgRow:
+        row = PgRow(values)
+        row.columns = columns
+        return row
+
+    return make
+
+
+class PgConnection:
+    """A psycopg connection (autocommit: transactions are explicit) that takes the store's SQL as written for
+    SQLite (`?` placeholders), so both backends share one set of statements."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True, row_factory=pg_rows, connect_timeout=30)
+
+    def execute(self, sql: str, args: Any = ()) -> Any:
+        return self.conn.execute(pg_sql(sql), args or None)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        cursor = self.conn.cursor()
+        cursor.executemany(pg_sql(sql), rows)
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        import psycopg
+
+        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def pg_sql(sql: str) -> str:
+    """A statement with SQLite's `?` placeholders in psycopg's `%s` style (a literal % doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Store:
+    """A connection to the store (a SQLite file or a PostgreSQL database); open one per process (and `close` it,
+    or use it in a `with`). `location` (a Path or a PostgreSQL URL) opens the same store again."""
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.location = store_location(path)
         self.read_only: str | None = None  # why writes are refused (a full or read-only disk); None: they are not
+        self.metrics: dict[str, tuple[str, str | None]] = {}  # run id -> (sweep id, sweep metric name)
+        if isinstance(self.location, str):
+            self._open_postgres(self.location)
+            return
+        self.postgres = False
+        self.errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        self.path = self.location
         make_folder(self.path.parent)
         version = check_file(self.path)  # before anything is written: a foreign or damaged file stays untouched
         self.db = self._connect()
         if version < SCHEMA_VERSION and not self.read_only:
             self._migrate()
+
+    def _open_postgres(self, url: str) -> None:
+        """Connect, and create the schema in a new (empty) database; a database of another program, or of a
+        newer lenet, is refused untouched. (The SQLite-only checks and fallbacks do not apply.)"""
+        import psycopg
+
+        self.postgres = True
+        self.errors = (sqlite3.Error, psycopg.Error)
+        self.path = shown(url)  # what messages name
+        try:
+            self.db: Any = PgConnection(url)
+        except psycopg.Error as exc:
+            raise pg_error(exc, url) from None
+        if self._pg_version() < SCHEMA_VERSION:
+            with self.transaction() as db:
+                if self._pg_version() == 0:  # again, under the lock: another process may have done it
+                    for statement in PG_SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _pg_version(self) -> int:
+        """A PostgreSQL store's schema version (0: an empty database), or a StoreError for one not ours or newer."""
+        tables = [r[0] for r in self._rows("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+        if not tables:
+            return 0
+        version = 0
+        if "meta" in tables:
+            rows = self._rows("SELECT value FROM meta WHERE key = 'schema_version'")
+            version = int(rows[0][0]) if rows and rows[0][0].isdigit() else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the sweep store {self.path} was made by a newer lenet (schema {version}; this one reads up to "
+                f"{SCHEMA_VERSION}); upgrade lenet, or point LENET_STORE at another database"
+            )
+        if 0 < version < SCHEMA_VERSION:  # (no older PostgreSQL schema exists yet: version 4 was the first)
+            raise StoreError(
+                f"PostgreSQL store: migrating {self.path} from schema {version} to {SCHEMA_VERSION} is not supported "
+                f"yet; export its sweeps (`lenet sweep export`) and point LENET_STORE at a new, empty database"
+            )
+        if version != SCHEMA_VERSION or set(tables) != set(schema_tables(SCHEMA_VERSION)) | {"meta"}:
+            names = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+            raise StoreError(
+                f"{self.path} is a PostgreSQL database of another program (tables: {names}), not a lenet sweep "
+                f"store; point LENET_STORE at a new, empty database (nothing was changed)"
+            )
+        return version
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -381,29 +656,38 @@ class Store:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that takes the lock up front (no lost updates between workers). Every write goes
-        through here: SQLite's errors become one-line StoreErrors (disk full, read-only...) and roll it back."""
+    def transaction(self) -> Iterator[Any]:
+        """A write transaction that takes the lock up front (no lost updates between workers; on PostgreSQL one
+        advisory lock serialises writes as SQLite's does). Every write goes through here: the database's errors
+        become one-line StoreErrors (disk full, read-only...) and roll it back."""
         if self.read_only:
             raise StoreWriteError(self.read_only)
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
+                if self.postgres:
+                    self.db.execute(f"SELECT pg_advisory_xact_lock({PG_LOCK})")
                 yield self.db
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:  # SQLite may already have rolled back (a full disk, say)
                     self.db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            raise store_error(exc, self.path) from exc
+        except self.errors as exc:
+            raise self._failed(exc) from exc
 
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """A read, with SQLite's errors as one-line StoreErrors."""
+    def _failed(self, exc: Exception) -> StoreError:
+        """The database's error as a one-line StoreError."""
+        if isinstance(exc, sqlite3.Error):
+            return store_error(exc, self.path)
+        return pg_error(exc, str(self.location))
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """A read, with the database's errors as one-line StoreErrors."""
         try:
             return self.db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise store_error(exc, self.path) from exc
+        except self.errors as exc:
+            raise self._failed(exc) from exc
 
     def create_sweep(
         self,
@@ -477,6 +761,20 @@ class Store:
         """The next run for `worker`: a requeued one, else a new one from the search; WAIT or None (done).
         The run's full config (preset, then `defaults` such as the worker's threads, then its params) is stored
         now, so editing a preset later relabels nothing; a resumed run keeps the config it started with."""
+        claims = self.claim_many(sweep_id, worker, 1, defaults)
+        return claims[0] if isinstance(claims, list) else claims
+
+    def claim_many(
+        self,
+        sweep_id: str,
+        worker: str,
+        limit: int,
+        defaults: dict[str, Any] | None = None,
+        key: Callable[[Claim], Hashable] | None = None,
+    ) -> list[Claim] | str | None:
+        """Up to `limit` runs for `worker` in one transaction (as `claim`), all with the first one's `key`:
+        requeued runs first, in order, then new ones from the search (a new run that does not fit stays pending
+        for the next claim; at most `limit` are drawn). WAIT or None (done) when there is none."""
         with quiet():  # W&B's search code takes seconds to import: not while holding every worker's write lock
             importlib.import_module(f"sweeps.{self.sweep(sweep_id)['config']['method']}_search")
         with self.transaction() as db:
@@ -484,28 +782,45 @@ class Store:
             if sweep["state"] != "running":
                 return None
             self._requeue_stale(db, sweep_id)
-            row = db.execute(
-                "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' ORDER BY idx LIMIT 1", (sweep_id,)
-            ).fetchone()
-            if row is None:
-                row = self._new_run(db, sweep)
-            if row is None:
+            claims: list[Claim] = []
+            wanted: list[Hashable] = []  # the first claim's key
+
+            def offer(row: sqlite3.Row) -> None:
+                claim = candidate(row, sweep_id, defaults)
+                mine = key(claim) if key else None
+                if not claims or mine == wanted[0]:
+                    claims.append(claim)
+                    wanted[:] = [mine]
+
+            after = -1  # pending rows up to this idx were offered
+            for _ in range(limit + 1):  # at most `limit` asks of the search for new runs
+                while len(claims) < limit:  # read no further than needed: pages of PAGE rows (a database
+                    rows = db.execute(  # server would send a whole result at once)
+                        "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?",
+                        (sweep_id, after, PAGE),
+                    ).fetchall()
+                    for row in rows[: limit - len(claims)] if key is None else rows:
+                        after = row["idx"]
+                        if len(claims) < limit:
+                            offer(row)
+                    if len(rows) < PAGE:
+                        break
+                if len(claims) >= limit or self._new_run(db, sweep) is None:
+                    break
+            if not claims:
                 in_flight = db.execute(
                     "SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state = 'running'", (sweep_id,)
                 ).fetchone()[0]
                 if not in_flight:
                     db.execute("UPDATE sweeps SET state = 'finished' WHERE id = ?", (sweep_id,))
                 return WAIT if in_flight else None
-            params = json.loads(row["params"])
-            resumed = row["attempts"] > 0 and row["config"]  # retry_failed sets attempts 0: a fresh start
-            config = json.loads(row["config"]) if resumed else resolved_config(params, defaults)
-            now = time.time()
-            db.execute(
+            now, pid, host = time.time(), os.getpid(), socket.gethostname()
+            db.executemany(
                 "UPDATE runs SET state = 'running', worker = ?, pid = ?, host = ?, attempts = attempts + 1, "
                 "heartbeat_at = ?, started_at = COALESCE(started_at, ?), error = NULL, config = ? WHERE id = ?",
-                (worker, os.getpid(), socket.gethostname(), now, now, _json(config) if config else None, row["id"]),
+                [(worker, pid, host, now, now, _json(c.config) if c.config else None, c.run_id) for c in claims],
             )
-            return Claim(row["id"], sweep_id, params, row["attempts"] + 1, config)
+            return claims
 
     def _requeue_stale(self, db: sqlite3.Connection, sweep_id: str) -> None:
         db.execute(
@@ -515,21 +830,31 @@ class Store:
         )
 
     def _new_run(self, db: sqlite3.Connection, sweep: dict[str, Any]) -> sqlite3.Row | None:
-        """Ask W&B's search logic for the next point; insert it as pending. None: grid done or run_cap hit."""
-        config, runs = sweep["config"], self.runs(sweep["id"])
+        """Ask W&B's search logic for the next point; insert it as pending. None: grid done or run_cap hit.
+        A grid's remaining points are all inserted at once (pending, in the engine's order), so later claims
+        only take the next pending row."""
+        config = sweep["config"]
+        count = db.execute("SELECT COUNT(*) FROM runs WHERE sweep_id = ?", (sweep["id"],)).fetchone()[0]
         cap = config.get("run_cap") or grid_size(config)
-        if cap is not None and len(runs) >= cap:
+        if cap is not None and count >= cap:
             return None
-        params = suggest(config, self._engine_runs(runs), sweep["seed"])
-        if params is None:
+        if config["method"] == "grid":
+            points = suggest_grid(config, self._engine_runs(sweep["id"], histories=False), cap - count)
+        else:  # random draws read no runs; bayes reads each run's metric values
+            runs = self._engine_runs(sweep["id"], histories=True) if config["method"] == "bayes" else []
+            point = suggest(config, runs, sweep["seed"], count)
+            points = [] if point is None else [point]
+        if not points:
             return None
-        idx = len(runs)
-        run_id = f"{sweep['id']}-{idx:03d}"
-        db.execute(
+        now = time.time()
+        db.executemany(
             "INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
-            (run_id, sweep["id"], idx, json.dumps(params), "pending", 0, time.time()),
+            [
+                (f"{sweep['id']}-{count + i:03d}", sweep["id"], count + i, json.dumps(p), "pending", 0, now)
+                for i, p in enumerate(points)
+            ],
         )
-        return db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return db.execute("SELECT * FROM runs WHERE id = ?", (f"{sweep['id']}-{count:03d}",)).fetchone()
 
     def add_runs(
         self, sweep_id: str, params_list: list[dict[str, Any]], look: dict[str, Any] | None = None
@@ -587,7 +912,7 @@ class Store:
 
     def looks(self, sweep_id: str) -> list[dict[str, Any]]:
         """The looks `sweep extend` took on a sweep, first to last (none in a store too old to have the table)."""
-        if not self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'looks'"):
+        if not self.postgres and not self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'looks'"):
             return []  # a store opened read-only before its migration
         rows = self._rows("SELECT * FROM looks WHERE sweep_id = ? ORDER BY look", (sweep_id,))
         return [{**dict(r), "open_comparisons": json.loads(r["open_comparisons"])} for r in rows]
@@ -603,10 +928,35 @@ class Store:
         return True
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
-        """Store one epoch's metrics (a resumed run overwrites the epochs it repeats)."""
+        """Store one epoch's metrics (a resumed run overwrites the epochs it repeats), and its rung: the sweep
+        metric's value if it is a finite number."""
+        sweep_id, metric = self._metric_of(run_id)
+        value = metrics.get(metric) if metric else None
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?)", (run_id, epoch, _json(metrics)))
+            db.execute(
+                "INSERT INTO history VALUES (?,?,?) "
+                "ON CONFLICT (run_id, epoch) DO UPDATE SET metrics = excluded.metrics",
+                (run_id, epoch, _json(metrics)),
+            )
             db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (time.time(), run_id))
+            db.execute("DELETE FROM rungs WHERE run_id = ? AND epoch = ?", (run_id, epoch))
+            if is_number(value):
+                before = db.execute(
+                    "SELECT COUNT(*) FROM rungs WHERE run_id = ? AND epoch < ?", (run_id, epoch)
+                ).fetchone()[0]
+                db.execute("INSERT INTO rungs VALUES (?,?,?,?,?)", (sweep_id, run_id, epoch, before + 1, float(value)))
+
+    def _metric_of(self, run_id: str) -> tuple[str, str | None]:
+        """A run's sweep id and the name of the metric its sweep optimises (None: it names none); cached."""
+        if run_id not in self.metrics:
+            rows = self._rows(
+                "SELECT r.sweep_id, s.config FROM runs r JOIN sweeps s ON s.id = r.sweep_id WHERE r.id = ?", (run_id,)
+            )
+            if not rows:
+                raise SweepError(f"unknown run id {run_id!r} in {self.path}; `lenet sweep status` lists the runs")
+            metric = json.loads(rows[0]["config"]).get("metric") or {}
+            self.metrics[run_id] = (rows[0]["sweep_id"], metric.get("name"))
+        return self.metrics[run_id]
 
     def finish(self, run_id: str, state: str, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
         """Close a run as finished, failed, diverged, stopped (hyperband) or stopped_early."""
@@ -638,16 +988,41 @@ class Store:
         return count
 
     def should_stop(self, run_id: str) -> bool:
-        """True when hyperband early termination stops this run now (per W&B's `stop_runs`).
+        """True when hyperband early termination stops this run now (W&B's rule, `sweeps.stop_runs`, decided by
+        ablation.sweep.hyperband_stops from the indexed rungs: the run's own values and one cut-off).
         A stopped sweep lets runs in progress finish, as W&B does."""
-        sweep = self.sweep(self._rows("SELECT sweep_id FROM runs WHERE id = ?", (run_id,))[0]["sweep_id"])
-        if not sweep["config"].get("early_terminate"):
+        sweep_id, metric = self._metric_of(run_id)
+        config = self.sweep(sweep_id)["config"]
+        if not config.get("early_terminate") or not metric:
             return False
-        return run_id in to_stop(sweep["config"], self._engine_runs(self.runs(sweep["id"])))
+        state = self._rows("SELECT state FROM runs WHERE id = ?", (run_id,))[0]["state"]
+        values = [r["value"] for r in self._rows("SELECT value FROM rungs WHERE run_id = ? ORDER BY epoch", (run_id,))]
+        rule = hyperband(config)
+        band = closest_band(rule.bands, len(values))
+        if state != "running" or band is None:
+            return False
+        reached = self._rows("SELECT COUNT(*) AS n FROM rungs WHERE sweep_id = ? AND pos = ?", (sweep_id, band))
+        order = "DESC" if rule.maximize else "ASC"  # best first
+        threshold = self._rows(
+            f"SELECT value FROM rungs WHERE sweep_id = ? AND pos = ? ORDER BY value {order} LIMIT 1 OFFSET ?",
+            (sweep_id, band, int(rule.keep * reached[0]["n"])),
+        )[0]["value"]
+        return hyperband_stops(rule, values, band, threshold)
 
-    def _engine_runs(self, runs: list[dict[str, Any]]) -> list[Any]:
-        """Our run records, with their histories, as the `sweeps` package's SweepRun objects."""
-        return [sweep_run(r["id"], r["state"], r["params"], self.history(r["id"]), r["summary"]) for r in runs]
+    def _engine_runs(self, sweep_id: str, histories: bool) -> list[Any]:
+        """The sweep's runs as the `sweeps` package's SweepRun objects; with `histories`, each with its sweep
+        metric's valid values (all the search reads), else none."""
+        rows = self._rows("SELECT id, state, params, summary FROM runs WHERE sweep_id = ? ORDER BY idx", (sweep_id,))
+        series: dict[str, list[dict[str, float]]] = {r["id"]: [] for r in rows}
+        metric = (self.sweep(sweep_id)["config"].get("metric") or {}).get("name")
+        if histories and metric:
+            rungs = self._rows("SELECT run_id, value FROM rungs WHERE sweep_id = ? ORDER BY run_id, epoch", (sweep_id,))
+            for r in rungs:
+                series[r["run_id"]].append({metric: r["value"]})
+        return [
+            sweep_run(r["id"], r["state"], json.loads(r["params"]), series[r["id"]], _decoded(r["summary"]))
+            for r in rows
+        ]
 
 
 def _decoded(text: str | None) -> Any:

@@ -9,6 +9,7 @@ import random
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from ablation.config import FIELD_TYPES, RunConfig, read_yaml
 from ablation.errors import ConfigError, SweepError
 
 # Metrics a sweep may optimise: logged every epoch, or written once in the summary.
-EPOCH_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
+EPOCH_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss", "train/clean_acc")
 SUMMARY_METRICS = ("best/val_acc", "best/val_loss", "test/acc", "test/loss")
 GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
 
@@ -216,13 +217,13 @@ def follow_up_sweep(
     return follow_up, (grid_size(follow_up) or 0) - len(points)
 
 
-def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any] | None:
+def suggest(config: dict[str, Any], runs: list[Any], seed: int, count: int | None = None) -> dict[str, Any] | None:
     """The next run's parameters from W&B's search logic, or None when a grid is exhausted.
 
-    Random and bayes draws are seeded from (sweep seed, runs so far), so a sweep is reproducible;
-    the process-wide RNG states are restored afterwards."""
+    Random and bayes draws are seeded from (sweep seed, runs so far: `count`, default len(runs)), so a sweep is
+    reproducible; the process-wide RNG states are restored afterwards."""
     states = random.getstate(), _np_random().get_state()
-    digest = hashlib.sha256(f"{seed}:{len(runs)}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{len(runs) if count is None else count}".encode()).digest()
     random.seed(digest)
     _np_random().seed(int.from_bytes(digest[:4], "little"))
     try:
@@ -234,6 +235,18 @@ def suggest(config: dict[str, Any], runs: list[Any], seed: int) -> dict[str, Any
     if suggestion is None:
         return None
     return {k: plain(v["value"]) for k, v in suggestion.config.items()}
+
+
+def suggest_grid(config: dict[str, Any], runs: list[Any], n: int) -> list[dict[str, Any]]:
+    """A grid's next `n` points (fewer when it ends), in the order W&B's grid search hands them out one by one."""
+    with quiet():
+        suggestions = engine().next_runs(config, runs, n=n)
+    return [{k: plain(v["value"]) for k, v in s.config.items()} for s in suggestions if s is not None]
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: a metric value the `sweeps` engine counts (its run.is_number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def to_stop(config: dict[str, Any], runs: list[Any]) -> set[str]:
@@ -263,3 +276,58 @@ def _np_random() -> Any:
     import numpy as np
 
     return np.random
+
+
+@dataclass(frozen=True)
+class Hyperband:
+    """Hyperband's rule for one sweep, with the defaults `sweeps` fills in: the bands (valid metric values at
+    which runs are compared), the fraction kept (1/eta), strictness and the metric's direction."""
+
+    bands: tuple[int, ...]
+    keep: float
+    strict: bool
+    maximize: bool
+
+
+def hyperband(config: dict[str, Any]) -> Hyperband:
+    """The sweep's hyperband rule, computed as sweeps.hyperband_stopping computes it."""
+    with quiet():
+        from sweeps.hyperband_stopping import hyperband_baseline_validate_and_fill
+
+        filled = hyperband_baseline_validate_and_fill(config)
+    et, eta = filled["early_terminate"], filled["early_terminate"]["eta"]
+    bands: list[int] = []
+    if "max_iter" in et:
+        band = et["max_iter"]
+        for _ in range(et["s"]):
+            band /= eta
+            if band < 1:
+                break
+            bands.append(int(band))
+        bands.sort()
+    else:
+        band = et["min_iter"]
+        for _ in range(100):
+            bands.append(int(band))
+            band *= eta
+    return Hyperband(tuple(bands), 1.0 / eta, et.get("strict") is True, filled["metric"]["goal"] == "maximize")
+
+
+def closest_band(bands: tuple[int, ...], length: int) -> int | None:
+    """The last band a run with `length` valid metric values has reached (None: none yet)."""
+    closest = None
+    for band in bands:  # ascending: the first band past `length` ends the search, as in sweeps
+        if band > length:
+            break
+        closest = band
+    return closest
+
+
+def hyperband_stops(rule: Hyperband, values: list[float], band: int, threshold: float) -> bool:
+    """Whether hyperband stops a running run (sweeps.stop_runs' rule): `values` are its valid metric values in
+    order, `band` the last band it reached, `threshold` the band's cut-off in the metric's own scale (the value
+    at rank int(keep * n), best first, among the n runs that reached the band)."""
+    sign = -1.0 if rule.maximize else 1.0
+    history = [sign * v for v in values]
+    condition = history[band - 1] if rule.strict else min(history)
+    return condition > sign * threshold

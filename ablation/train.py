@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import io
 import math
 import os
 import platform
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablation.config import RunConfig
-from ablation.data import Batches, Dataset, channel_stats, check_split, load_dataset, split_train_val
+from ablation.data import (
+    VIEWS,
+    Batches,
+    Dataset,
+    channel_stats,
+    check_split,
+    cutout,
+    fixed_subset,
+    load_dataset,
+    mix_batch,
+    reachable_views,
+    split_train_val,
+    take_view,
+    tta_views,
+    view_indices,
+    view_params,
+)
 from ablation.errors import CheckpointError, ConfigError, missing_or_wrong
-from ablation.model import build_model, count_parameters
+from ablation.model import ARCH_NAMES, build_model, count_parameters
 from ablation.paths import output_error
 from ablation.tracking import Logger
 
 THRESHOLDS = (50, 60, 70)  # val accuracy (%) whose first epoch is reported as convergence speed
 EVAL_BATCH = 1024  # images per evaluation batch; memory only, results do not depend on it
+CLEAN_SUBSET = 5000  # training images (fixed by split_seed) whose clean accuracy is logged every epoch
+EMA_WARMUP = 10  # the EMA's decay is min(ema, (1 + n) / (EMA_WARMUP + n)) at update n (TensorFlow's num_updates)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,15 +107,27 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def predict(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, tta: str = "none") -> torch.Tensor:
+    """Logits of a batch: with test-time augmentation, the weighted mean of its views' logits (`tta_views`);
+    logits, not probabilities, are averaged, so the loss reported is the cross-entropy of the averaged logits."""
+    out: torch.Tensor | None = None
+    for weight, view in tta_views(x, tta):
+        with _autocast(x.device, dtype):
+            logits = model(view)
+        logits = logits if tta == "none" else weight * logits.float()
+        out = logits if out is None else out + logits
+    assert out is not None
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, dtype: torch.dtype | None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over `batches`, in eval mode."""
+def evaluate(model: nn.Module, batches: Batches, dtype: torch.dtype | None, tta: str = "none") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over `batches`, in eval mode (with `tta`: of the averaged logits)."""
     model.eval()
     loss = torch.zeros((), device=batches.images.device)
     correct = torch.zeros((), device=batches.images.device)
     for x, y in batches:
-        with _autocast(x.device, dtype):
-            out = model(x)
+        out = predict(model, x, dtype, tta)
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     n = len(batches.labels)
@@ -104,6 +136,184 @@ def evaluate(model: nn.Module, batches: Batches, dtype: torch.dtype | None) -> t
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class WeightEma:
+    """An exponential moving average of a model's parameters and buffers, updated after every optimiser step.
+
+    Batch-norm running statistics are averaged like the weights (as timm's ModelEma and torch's AveragedModel
+    with use_buffers=True): no extra pass over the data, and with the decay near 1 the averaged statistics
+    track the averaged weights' own closely; integer buffers (batches seen) are copied. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) at update n (TensorFlow's num_updates), so early epochs are not dominated by
+    the random initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        pairs = list(zip([*self.model.parameters(), *self.model.buffers()], [*model.parameters(), *model.buffers()]))
+        self.floats = [list(t) for t in zip(*[p for p in pairs if p[0].is_floating_point()])]
+        self.others = [p for p in pairs if not p[0].is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the model's current weights (no host sync)."""
+        decay = min(self.decay, (1 + self.updates) / (EMA_WARMUP + self.updates))
+        torch._foreach_lerp_(self.floats[0], self.floats[1], 1.0 - decay)
+        for mine, theirs in self.others:
+            mine.copy_(theirs)
+        self.updates += 1
+
+
+@dataclass
+class Teacher:
+    """A trained network, in eval mode and without gradients, whose logits the student is distilled towards."""
+
+    model: nn.Module
+    scale: torch.Tensor | None  # student-normalised -> teacher-normalised images: x * scale + shift
+    shift: torch.Tensor | None
+    table: torch.Tensor | None = None  # precomputed logits: train image x column of its view x class
+    columns: torch.Tensor | None = None  # view id -> column of `table`
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """The teacher's fp32 logits of the student's (augmented, normalised) batch."""
+        if self.scale is not None:
+            x = x * self.scale + self.shift
+        return predict(self.model, x, dtype).float()
+
+    def lookup(self, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """The precomputed logits of training images `idx` in views `view` (see `view_table`)."""
+        assert self.table is not None and self.columns is not None
+        return self.table[idx, self.columns[view]]
+
+
+def view_table(
+    teacher: Teacher, train_b: Batches, dtype: torch.dtype | None, stop_now: Callable[[], bool] | None = None
+) -> torch.Tensor | None:
+    """The teacher's logits of every training image in every view its `augment` mode can produce (crop offset x
+    mirror: up to 162): N x views x classes, so a run without cutout/mixup/cutmix looks up the logits of its exact
+    augmented batch instead of running the teacher at every step. None when `stop_now` cut it short."""
+    n, device = len(train_b.labels), train_b.images.device
+    views = reachable_views(train_b.augment)
+    table: torch.Tensor | None = None
+    for column, view in enumerate(views):
+        for start in range(0, n, EVAL_BATCH):
+            if stop_now is not None and stop_now():
+                return None
+            idx = torch.arange(start, min(n, start + EVAL_BATCH), device=device)
+            x = train_b.normalise(take_view(train_b.images, idx, *view_indices(*view_params(view, len(idx), device))))
+            logits = teacher.logits(x, dtype)
+            if table is None:
+                table = torch.empty(n, len(views), logits.shape[1], device=device)
+            table[idx, column] = logits
+    assert table is not None
+    return table
+
+
+def cached_view_table(
+    config: RunConfig,
+    dataset: Dataset,
+    teacher: Teacher,
+    train_b: Batches,
+    dtype: torch.dtype | None,
+    stop_now: Callable[[], bool] | None = None,
+) -> bool:
+    """Fill `teacher.table` from a file next to the teacher checkpoint, computing and writing it (best effort,
+    atomically, one process at a time) when it is missing: the runs of a sweep share one table. False when
+    `stop_now` cut the wait or the computation short."""
+    path = Path(config.teacher)
+    stat = path.stat()
+    key = f"{stat.st_size}|{stat.st_mtime_ns}|{dataset.name}|{config.split_seed}|{config.val_size}"
+    key += f"|{train_b.augment}|{dtype}|{len(train_b.labels)}"
+    cache = path.with_name(f"{path.name}.views-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+    device = train_b.images.device
+    with _file_lock(cache.with_suffix(".lock"), stop_now) as locked:
+        table = _read_table(cache, device) if locked else None
+        computed = locked and table is None
+        if computed:
+            table = view_table(teacher, train_b, dtype, stop_now)
+        if table is None:
+            return False
+        if computed:
+            buffer = io.BytesIO()
+            torch.save({"table": table.cpu()}, buffer)
+            with suppress(OSError):  # a read-only folder only means computing it again next time
+                tmp = cache.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(buffer.getbuffer())
+                tmp.replace(cache)
+    views = reachable_views(train_b.augment)
+    columns = torch.full((VIEWS,), -1, dtype=torch.int64)
+    columns[views] = torch.arange(len(views))
+    teacher.table, teacher.columns = table, columns.to(device)
+    return True
+
+
+def _read_table(path: Path, device: torch.device) -> torch.Tensor | None:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)["table"]
+    except Exception:  # missing, or damaged (a crash cannot leave a partial file; a disk error can): recompute
+        return None
+
+
+@contextmanager
+def _file_lock(path: Path, stop_now: Callable[[], bool] | None = None) -> Iterator[bool]:
+    """An exclusive lock on `path` (created) while computing a shared file, polled so that a stop request ends
+    the wait (yields False); no lock where the file cannot be created (yields True)."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield True
+        return
+    with handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop_now is not None and stop_now():
+                    yield False
+                    return
+                time.sleep(0.5)
+        yield True
+
+
+def teacher_checkpoint(config: RunConfig, dataset: Dataset) -> tuple[dict[str, Any], RunConfig] | None:
+    """The checkpoint and config of the teacher `config.teacher` names (None without one or at distill_weight=0).
+    It must have been trained on the same data and split, or the student's validation images would be in the
+    teacher's training set; checked as soon as the data is loaded, before a run starts."""
+    if not config.distilling:
+        return None
+    path = Path(config.teacher)
+    try:
+        payload = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"teacher={path}: {exc}") from None
+    tconf = checkpoint_config(path, payload)
+    if (payload["dataset"], tconf.split_seed, tconf.val_size) != (dataset.name, config.split_seed, config.val_size):
+        raise CheckpointError(
+            f"teacher {path} was trained on {payload['dataset']} with split_seed={tconf.split_seed}, "
+            f"val_size={tconf.val_size}, but this run holds out split_seed={config.split_seed}, "
+            f"val_size={config.val_size} of {dataset.name}: its validation images could be in the teacher's "
+            "training set; train the teacher on the same data, split_seed and val_size"
+        )
+    return payload, tconf
+
+
+def load_teacher(config: RunConfig, dataset: Dataset, train_b: Batches, device: torch.device) -> Teacher | None:
+    """The teacher network of `config` (see `teacher_checkpoint`), on `device`, in eval mode, without gradients."""
+    found = teacher_checkpoint(config, dataset)
+    if found is None:
+        return None
+    payload, tconf = found
+    path = Path(config.teacher)
+    model = build_model(tconf, len(payload["classes"])).to(device, memory_format=memory_format(tconf))
+    load_weights(model, payload, path, tconf)
+    model.eval().requires_grad_(False)
+    mean, std = (payload[k].float().view(1, 3, 1, 1).to(device) for k in ("mean", "std"))
+    if torch.equal(mean, train_b.mean) and torch.equal(std, train_b.std):
+        return Teacher(model, None, None)
+    return Teacher(model, train_b.std / std, (train_b.mean - mean) / std)
 
 
 @dataclass
@@ -116,6 +326,7 @@ class Trainer:
     dtype: torch.dtype | None
     logger: Logger
     stop_now: Callable[[], bool] | None = None  # asked before every batch: a prompt stop (SIGTERM, Ctrl-C)
+    teacher: Teacher | None = None
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
 
@@ -129,14 +340,64 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.weights = [p for p in self.model.parameters() if p.ndim > 1]
+        self.ema = WeightEma(self.model, c.ema) if c.ema > 0 else None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step; returns the batch's summed loss and correct count (on device, no sync)."""
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated and checkpointed: the EMA's when `ema` is on, else the model's."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def augment(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Cutout, then mixup/cutmix: (images, partner labels, weight of the own label), the last two None
+        without mixing. Draws come from the batch stream's generator, so they are reproducible and resumable."""
+        c, gen = self.config, self.batches.gen
+        if c.cutout > 0:
+            x = cutout(x, c.cutout, gen)
+        if c.mixup > 0 or c.cutmix > 0:
+            return mix_batch(x, y, c.mixup, c.cutmix, gen)
+        return x, None, None
+
+    def hard_loss(
+        self, out: torch.Tensor, y: torch.Tensor, other: torch.Tensor | None, lam: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross-entropy with the (smoothed) labels; for mixed images lam * CE(own) + (1 - lam) * CE(partner)."""
+        smoothing = self.config.label_smoothing
+        if other is None or lam is None:
+            return F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+        own = F.cross_entropy(out.float(), y, label_smoothing=smoothing, reduction="none")
+        partner = F.cross_entropy(out.float(), other, label_smoothing=smoothing, reduction="none")
+        return (lam * own + (1 - lam) * partner).mean()
+
+    def distill_loss(self, x: torch.Tensor, out: torch.Tensor, looked_up: torch.Tensor | None = None) -> torch.Tensor:
+        """T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean (Hinton et al. 2015); the teacher's
+        logits are `looked_up` (precomputed for this batch's views) or computed on `x`."""
+        assert self.teacher is not None
+        t = self.config.distill_temperature
+        logits = self.teacher.logits(x, self.dtype) if looked_up is None else looked_up
+        target = F.log_softmax(logits / t, dim=1)
+        kl = F.kl_div(F.log_softmax(out.float() / t, dim=1), target, reduction="batchmean", log_target=True)
+        return t * t * kl
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None, view: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step; returns the batch's summed loss and correct count (on device, no sync).
+        The loss is the hard-label cross-entropy (without the l1 and distillation terms); on mixed images
+        a prediction counts as correct when it is the label with the larger weight."""
         c = self.config
+        x, other, lam = self.augment(x, y)
         with _autocast(x.device, self.dtype):
             out = self.model(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
-        objective = loss + c.l1 * sum(w.abs().sum() for w in self.weights) if c.l1 > 0 else loss
+        loss = self.hard_loss(out, y, other, lam)
+        objective = loss
+        if self.teacher is not None:
+            weight = c.distill_weight
+            looked_up = self.teacher.lookup(idx, view) if self.teacher.table is not None and idx is not None else None
+            objective = (1 - weight) * loss + weight * self.distill_loss(x, out, looked_up)
+        if c.l1 > 0:
+            objective = objective + c.l1 * sum(w.abs().sum() for w in self.weights)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()
         if c.grad_clip > 0:
@@ -145,11 +406,16 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach() * len(y), (out.argmax(1) == y).sum()
+        if self.ema is not None:
+            self.ema.update()
+        target = y if other is None or lam is None else torch.where(lam >= 0.5, y, other)
+        return loss.detach() * len(y), (out.argmax(1) == target).sum()
 
     def resume_state(self, record: Record) -> dict[str, Any]:
         """Everything besides the weights that an interrupted run needs to continue exactly."""
+        ema = {"train_model": self.model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
         return {
+            **ema,  # with EMA, the checkpoint's "model" holds the average and these the trained weights
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data_rng": self.batches.gen.get_state(),
@@ -165,10 +431,10 @@ class Trainer:
         total_loss = torch.zeros((), device=self.batches.images.device)
         total_correct = torch.zeros((), device=self.batches.images.device)
         seen = 0
-        for i, (x, y) in enumerate(self.batches):
+        for i, (x, y, idx, view) in enumerate(self.batches.views()):
             if self.stop_now is not None and self.stop_now():
                 return None
-            loss, correct = self.step(x, y)
+            loss, correct = self.step(x, y, idx, view)
             total_loss += loss
             total_correct += correct
             seen += len(y)
@@ -200,6 +466,20 @@ def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[
     return stream(train_x, train_y, True), stream(val_x, val_y, False), stream(dataset.test_x, dataset.test_y, False)
 
 
+def clean_stream(train_b: Batches, split_seed: int) -> Batches:
+    """A fixed subset (CLEAN_SUBSET images, by `split_seed`) of the training split, unaugmented, in eval-sized
+    batches: its accuracy in eval mode is the fitting of the training data without augmentation's handicap."""
+    idx = fixed_subset(len(train_b.labels), CLEAN_SUBSET, split_seed).to(train_b.images.device)
+    return Batches(
+        train_b.images[idx],
+        train_b.labels[idx],
+        train_b.mean,
+        train_b.std,
+        EVAL_BATCH,
+        memory_format=train_b.memory_format,
+    )
+
+
 def train(
     config: RunConfig,
     logger: Logger,
@@ -221,13 +501,23 @@ def train(
     dtype = autocast_dtype(config.precision, device)
     dataset = dataset or load_dataset(config)
     train_b, val_b, test_b = prepare(config, dataset, device)
+    clean_b = clean_stream(train_b, config.split_seed)
+    tick = time.perf_counter()
+    teacher = load_teacher(config, dataset, train_b, device)  # before seeding: building it draws initial weights
+    tabled = True
+    if teacher is not None and config.teacher_logits == "precomputed":
+        tabled = cached_view_table(config, dataset, teacher, train_b, dtype, stop_now)
+    teacher_s = time.perf_counter() - tick
     torch.manual_seed(config.seed)
     model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))
-    trainer = Trainer(config, model, train_b, dtype, logger, stop_now)
+    trainer = Trainer(config, model, train_b, dtype, logger, stop_now, teacher)
+    net = trainer.evaluated  # what is evaluated and checkpointed (the EMA of the weights when `ema` > 0)
     record = Record(config)
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
-    first = restore(last, config, trainer, record) + 1 if resume and last and last.exists() else 1
+    first = restore(last, config, trainer, record) + 1 if resume and last else 1
     cut_short = False
+    if not tabled:  # stopped while the teacher's table was waited for or computed: no epoch to run
+        record.state, cut_short, first = "stopped", True, config.epochs + 1
     for epoch in range(first, config.epochs + 1):
         tick = time.perf_counter()
         result = trainer.epoch()
@@ -235,28 +525,28 @@ def train(
             record.state, cut_short = "stopped", True
             break
         train_loss, train_acc, seen = result
-        val_loss, val_acc = evaluate(model, val_b, dtype)
+        val_loss, val_acc = evaluate(net, val_b, dtype, config.tta)
+        _, clean_acc = evaluate(net, clean_b, dtype, config.tta)
         seconds = time.perf_counter() - tick
         metrics = {
             "train/loss": train_loss,
             "train/acc": train_acc,
+            "train/clean_acc": clean_acc,
             "val/loss": val_loss,
             "val/acc": val_acc,
             "lr": trainer.scheduler.get_last_lr()[0],
             "time/epoch_s": seconds,
-            "throughput/img_s": (seen + len(val_b.labels)) / seconds,
+            "throughput/img_s": (seen + len(val_b.labels) + len(clean_b.labels)) / seconds,
         }
         logger.log(metrics, epoch)
-        if record.add(epoch, metrics, model) and checkpoint_dir:
-            save_checkpoint(checkpoint_dir / "best.pt", model, config, dataset, record.summary(), epoch, train_b)
+        if record.add(epoch, metrics, net) and checkpoint_dir:
+            save_checkpoint(checkpoint_dir / "best.pt", net, config, dataset, record.summary(), epoch, train_b)
         stop = record.should_stop(lambda: bool(stop_now and stop_now()) or bool(should_stop and should_stop()))
         if last:
-            save_checkpoint(
-                last, model, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record)
-            )
+            save_checkpoint(last, net, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record))
         if stop:
             break
-    summary = record.finish(model, test_b, dtype, start)
+    summary = record.finish(net, test_b, dtype, start)
     summary.update(
         dataset=dataset.name,
         params=count_parameters(model),
@@ -264,21 +554,43 @@ def train(
         threads=torch.get_num_threads(),
         torch=str(torch.__version__),
         python=platform.python_version(),
+        **({"time/teacher_s": teacher_s} if teacher is not None else {}),
     )
     if last and not cut_short:  # the weights of a cut-short epoch are not a resumable state
-        save_checkpoint(last, model, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
+        save_checkpoint(last, net, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
     logger.summary(summary)
     return summary
 
 
+def resumable(path: Path, config: RunConfig) -> dict[str, Any] | None:
+    """last.pt's contents if it can continue this run (same settings but threads/device, resume state kept)."""
+    if not path.exists():
+        return None
+    payload = load_checkpoint(path)
+    if "resume" not in payload or _identity(payload["config"]) != _identity(config.to_dict()):
+        return None  # a different run's checkpoint, or a final one without optimiser state: start afresh
+    return payload
+
+
+def _identity(values: dict[str, Any]) -> dict[str, Any] | None:
+    """A stored config with the settings added since filled in (at their defaults), less threads and device."""
+    try:
+        full = RunConfig.from_dict(values).to_dict()
+    except ConfigError:
+        return None
+    return {k: v for k, v in full.items() if k not in ("threads", "device")}
+
+
 def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> int:
     """Load a resumable last.pt into the trainer and record; returns the epoch it ended (0: start afresh)."""
-    payload = load_checkpoint(path)
-    same = {k: v for k, v in payload["config"].items() if k not in ("threads", "device")}
-    if "resume" not in payload or same != {k: v for k, v in config.to_dict().items() if k not in ("threads", "device")}:
-        return 0  # a different run's checkpoint, or a final one without optimiser state: start afresh
+    payload = resumable(path, config)
+    if payload is None:
+        return 0
     state = payload["resume"]
-    trainer.model.load_state_dict(payload["model"])
+    trainer.model.load_state_dict(state.get("train_model", payload["model"]))
+    if trainer.ema is not None:
+        trainer.ema.model.load_state_dict(payload["model"])
+        trainer.ema.updates = state["ema_updates"]
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state["data_rng"].numel() == trainer.batches.gen.get_state().numel():
@@ -366,11 +678,18 @@ class Record:
             "best/train_acc": best.get("train/acc"),
             "best/train_loss": best.get("train/loss"),
             "gap/train_val_acc": best["train/acc"] - best["val/acc"] if best else None,
+            "best/train_clean_acc": best.get("train/clean_acc"),
+            # The fitting gap without augmentation's handicap: clean train accuracy - val accuracy, best epoch.
+            "gap/clean_train_val_acc": best["train/clean_acc"] - best["val/acc"] if "train/clean_acc" in best else None,
         }
         out.update({f"epochs_to/val_acc_{t}": self.reached.get(t) for t in THRESHOLDS})
         last = self.history[-1] if self.history else {}
         out.update(
-            {f"final/{k}": v for k, v in last.items() if k in ("train/loss", "train/acc", "val/loss", "val/acc")}
+            {
+                f"final/{k}": v
+                for k, v in last.items()
+                if k in ("train/loss", "train/acc", "train/clean_acc", "val/loss", "val/acc")
+            }
         )
         return out
 
@@ -381,7 +700,7 @@ class Record:
         if self.best_state:
             best = copy.deepcopy(model)  # the model keeps its last weights for last.pt
             best.load_state_dict(self.best_state)
-            test_loss, test_acc = evaluate(best, test, dtype)
+            test_loss, test_acc = evaluate(best, test, dtype, self.config.tta)
         else:
             test_loss, test_acc = math.nan, math.nan
         return {
@@ -403,8 +722,20 @@ def save_checkpoint(
     resume: dict[str, Any] | None = None,
 ) -> None:
     """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only);
-    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly.
-    Written to a temporary file, then renamed: a failed write (full disk) leaves the old file and no temporary."""
+    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
+    write_checkpoints({path: checkpoint(model, config, dataset, metrics, epoch, train_b, resume)})
+
+
+def checkpoint(
+    model: nn.Module,
+    config: RunConfig,
+    dataset: Dataset,
+    metrics: dict[str, Any],
+    epoch: int,
+    train_b: Batches,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What save_checkpoint writes (see there)."""
     payload = {
         "model": model.state_dict(),
         "config": config.to_dict(),
@@ -418,18 +749,32 @@ def save_checkpoint(
     }
     if resume is not None:
         payload["resume"] = resume
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)  # in memory first: torch's own file writer turns a full disk into a RuntimeError
-    tmp = path.with_suffix(".tmp")
+    return payload
+
+
+def write_checkpoints(payloads: dict[Path, dict[str, Any]]) -> None:
+    """Write checkpoints as one: each to a temporary file first, then all renamed, so an interruption leaves
+    the old set or the new one (a fused pack's members stay at one epoch). A failed write (full disk) leaves
+    the old files and no temporary."""
+    buffers = {}
+    for path, payload in payloads.items():
+        buffers[path] = io.BytesIO()
+        torch.save(payload, buffers[path])  # in memory first: torch's file writer turns a full disk into RuntimeError
+    done: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buffer.getbuffer())
-        tmp.replace(path)
+        for path, buffer in buffers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_bytes(buffer.getbuffer())
+            done.append(path)
+        for path in done:
+            path.with_suffix(".tmp").replace(path)
     except BaseException as exc:  # a stop signal may land here too
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        for path in buffers:
+            with suppress(OSError):
+                path.with_suffix(".tmp").unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise output_error(path, exc, "checkpoint", "choose another --out (lenet train) or LENET_HOME") from None
+            where = next((p for p in buffers if p not in done), path)
+            raise output_error(where, exc, "checkpoint", "choose another --out (lenet train) or LENET_HOME") from None
         raise
 
 
@@ -481,13 +826,30 @@ def checkpoint_problem(payload: Any) -> str | None:
     return None
 
 
+def checkpoint_config(path: Path, payload: dict[str, Any]) -> RunConfig:
+    """The config a loaded checkpoint was trained with (settings added since at their defaults)."""
+    try:
+        return RunConfig.from_dict(payload["config"])
+    except ConfigError as exc:  # the checkpoint's own config, not the user's overrides, is at fault
+        raise CheckpointError(f"checkpoint {path} holds a config this version rejects ({exc})") from None
+
+
+def load_weights(model: nn.Module, payload: dict[str, Any], path: Path, config: RunConfig) -> None:
+    """Load a checkpoint's weights into the network its config builds; a mismatch is one CheckpointError."""
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing, extra, misshapen or non-tensor entries
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"checkpoint {path}'s weights do not fit {ARCH_NAMES[config.arch]} with its config ({first}); "
+            "it is not a lenet checkpoint"
+        ) from None
+
+
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint's weights on the test set of its own data, or of the data `overrides` name."""
     payload = load_checkpoint(path)
-    try:
-        RunConfig.from_dict(payload["config"])
-    except ConfigError as exc:  # the checkpoint's own config, not the user's overrides, is at fault
-        raise CheckpointError(f"checkpoint {path} holds a config this version rejects ({exc})") from None
+    checkpoint_config(path, payload)
     config = RunConfig.from_dict({**payload["config"], **(overrides or {})})
     device = resolve_device(config.device)
     torch.set_num_threads(cpu_threads(config.threads))
@@ -499,13 +861,7 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
             f"{', '.join(dataset.classes)}; evaluate it on data with the same classes"
         )
     model = build_model(config, len(classes)).to(device, memory_format=memory_format(config))
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:  # missing, extra, misshapen or non-tensor entries
-        first = " ".join(str(exc).split())[:200]
-        raise CheckpointError(
-            f"checkpoint {path}'s weights do not fit LeNet-5 with its config ({first}); it is not a lenet checkpoint"
-        ) from None
+    load_weights(model, payload, path, config)
     test = Batches(
         dataset.test_x.to(device).contiguous(),
         dataset.test_y.to(device),
@@ -514,7 +870,7 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
         EVAL_BATCH,
         memory_format=memory_format(config),
     )
-    loss, acc = evaluate(model, test, autocast_dtype(config.precision, device))
+    loss, acc = evaluate(model, test, autocast_dtype(config.precision, device), config.tta)
     return {
         "test/loss": loss,
         "test/acc": acc,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,6 +77,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LENET_DATA_DIR", str(tmp_path / "no-data-here"))
     monkeypatch.setenv("LENET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LENET_STORE", raising=False)  # the store is $LENET_HOME/lenet.db (and `--store` sets it)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -126,3 +133,94 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(path)], check=True)  # a connection still open: detach it
+
+
+# ---- A throw-away PostgreSQL server (the Debian package's binaries), for the PostgreSQL store's tests ----
+
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin folder (/usr/lib/postgresql/<version>/bin), None if there is none."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
+    return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, default=None)
+
+
+def as_postgres() -> dict[str, Any]:
+    """subprocess.run's arguments that run a program as the `postgres` user when we are root (initdb and the
+    server refuse root), else none."""
+    return {"user": "postgres", "group": "postgres", "extra_groups": []} if os.geteuid() == 0 else {}
+
+
+def postgres_run(folder: Path, *command: str) -> None:
+    """Run a PostgreSQL program (as_postgres); a failure skips the tests that need the server, saying why."""
+    try:
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, **as_postgres())
+    except OSError as exc:  # a partial install, or no right to switch user
+        pytest.skip(f"cannot run a PostgreSQL server here: {Path(command[0]).name} failed ({exc})")
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
+        pytest.skip(f"cannot run a PostgreSQL server here: {Path(command[0]).name} failed ({last})")
+
+
+# The server's settings: its Unix socket only (no TCP port to collide on), and no fsync (throw-away data).
+POSTGRES_SETTINGS = {
+    "listen_addresses": "''",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Path]:
+    """A PostgreSQL server for this test session in a temp folder (initdb, pg_ctl start; trust auth, POSTGRES_SETTINGS).
+    Yields the folder, which holds its socket; stopped (immediate) and deleted at the end. Skips the tests that use
+    it, saying why, where none can run (no binaries; root without a `postgres` user; initdb or start failing)."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server here (no /usr/lib/postgresql/*/bin/initdb); apt-get install postgresql")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("cannot run a PostgreSQL server here: root, and no `postgres` user to run it as")
+    # Not under pytest's tmp_path: its root-only (0700) parents would keep the postgres user out.
+    folder = Path(tempfile.mkdtemp(prefix="lenet-pg-"))
+    data = folder / "data"
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+        initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"]
+        postgres_run(folder, *initdb, "--encoding=UTF8", "--no-locale")
+        settings = {**POSTGRES_SETTINGS, "unix_socket_directories": f"'{folder}'"}
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        postgres_run(folder, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "start")
+        yield folder
+    finally:
+        if (data / "postmaster.pid").exists():
+            stop = [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+            subprocess.run(stop, cwd=folder, capture_output=True, **as_postgres())
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_database(socket_dir: Path, name: str) -> str:
+    """Create database `name` on the test server; returns its URL."""
+    createdb = postgres_bin() / "createdb"
+    subprocess.run([str(createdb), "-h", str(socket_dir), "-U", "postgres", name], check=True, capture_output=True)
+    return f"postgresql://postgres@/{name}?host={socket_dir}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: Path) -> str:
+    """The URL of database `lenet` on the session's PostgreSQL server, shared by the tests that use it."""
+    return create_database(postgres_server, "lenet")
+
+
+@pytest.fixture
+def postgres_db(postgres_server: Path) -> Iterator[str]:
+    """The URL of a new, empty database for this test alone (dropped afterwards, connections and all)."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    yield create_database(postgres_server, name)
+    dropdb = postgres_bin() / "dropdb"
+    subprocess.run([str(dropdb), "-h", str(postgres_server), "-U", "postgres", "--force", name], capture_output=True)

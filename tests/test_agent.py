@@ -227,3 +227,57 @@ def test_workers_split_cores_or_take_gpus_round_robin(tmp_path: Path) -> None:
     assert [w.gpu for w in gpu] == ["0", "1", "0"] and all(w.count == 5 for w in gpu)
     assert all(w.sweep_ids == ("s", "t") and w.threads == max(1, cores // 3) for w in gpu)
     assert len({w.name for w in gpu}) == 3
+
+
+SAME_IN_A_PACK = ("state", "epochs_run", "best_epoch", "best/val_acc", "test/acc")
+
+
+def test_fused_agent_trains_compatible_runs_as_packs(folder_dir: Path, tmp_path: Path) -> None:
+    path = write_smoke(tmp_path, folder_dir, epochs=2, threads=1)  # relu and tanh runs: two packs of two
+    fused_sweep, alone_sweep = create(path), create(path)
+    result = lenet("agent", fused_sweep, "--fuse", "4", "--wandb", "offline")
+    assert result.exit_code == 0, result.output
+    assert "packs of up to 4 runs" in result.output and f"sweep {fused_sweep}: 4 finished" in result.output
+    assert lenet("agent", alone_sweep, "--wandb", "disabled").exit_code == 0  # CPU default: one run at a time
+    home = Path(os.environ["LENET_HOME"])
+    store = Store(home / "lenet.db")
+    alone = {(r["params"]["activation"], r["params"]["seed"]): r["summary"] for r in store.runs(alone_sweep)}
+    for run in store.runs(fused_sweep):
+        summary = run["summary"]
+        assert summary["pack_size"] == 2 and [h["epoch"] for h in store.history(run["id"])] == [1, 2]
+        twin = alone[run["params"]["activation"], run["params"]["seed"]]
+        assert {k: summary[k] for k in SAME_IN_A_PACK} == {k: twin[k] for k in SAME_IN_A_PACK}
+        tested = lenet("test", home / "runs" / run["id"] / "best.pt", "--device", "cpu")
+        assert tested.exit_code == 0 and f"{summary['test/acc']:.2f}" in tested.output
+    offline = sorted(p.name[-len(fused_sweep) - 4 :] for p in (home / "wandb").glob("offline-run-*"))
+    assert offline == [f"{fused_sweep}-00{i}" for i in range(4)]  # each member is its own W&B run
+
+
+@pytest.mark.slow
+def test_a_killed_pack_resumes_every_member_exactly(
+    folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "3")
+    path = write_smoke(tmp_path, folder_dir, epochs=10, batch_size=16, activation="relu", threads=1)  # one pack
+    killed_sweep, whole_sweep = create(path), create(path)
+    store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
+    victim = spawn_agent(killed_sweep, "--fuse", "2")
+    wait_for_running(store, killed_sweep, min_epochs=3)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    output = spawn_agent(killed_sweep, "--fuse", "2").communicate(timeout=240)[0]
+    assert "resuming" in output and f"sweep {killed_sweep}: 2 finished" in output, output
+    assert lenet("agent", whole_sweep, "--fuse", "2", "--wandb", "disabled").exit_code == 0
+    whole = {r["params"]["seed"]: r for r in store.runs(whole_sweep)}
+    for run in store.runs(killed_sweep):
+        twin = whole[run["params"]["seed"]]
+        assert run["attempts"] == 2 and run["summary"]["pack_size"] == 2  # resumed together, as one pack
+        history, twin_history = store.history(run["id"]), store.history(twin["id"])
+        assert [h["epoch"] for h in history] == list(range(1, 11))
+        assert timeless(history) == timeless(twin_history)  # bit for bit
+        assert run["summary"]["test/acc"] == twin["summary"]["test/acc"]
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    """Stored epochs without the wall-clock metrics."""
+    return [{k: v for k, v in h.items() if not k.startswith(("time/", "throughput/"))} for h in history]

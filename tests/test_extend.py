@@ -311,7 +311,7 @@ def test_the_store_adds_runs_and_records_each_look_once() -> None:
         sweep_id = store.create_sweep(grid(activation=["relu", "tanh"], seed=[0]), seed=0)
         assert store.looks(sweep_id) == [] and LOOKS[0] == 3
         first = store.claim(sweep_id, "w")
-        with pytest.raises(SweepError, match="1 run\\(s\\) pending or running; let `lenet agent"):
+        with pytest.raises(SweepError, match="2 run\\(s\\) pending or running; let `lenet agent"):
             store.add_runs(sweep_id, [{"activation": "relu", "seed": 1}], look)
         store.finish(first.run_id, "finished", {})
         finish_all(store, sweep_id)

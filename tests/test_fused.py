@@ -18,6 +18,7 @@ from ablation.fused import (
     PackTrainer,
     StackedLeNet,
     check_pack,
+    fusable,
     pack_key,
     pack_streams,
     seed_groups,
@@ -281,3 +282,59 @@ def test_bf16_pack_trains(tiny_data: Path, tmp_path: Path) -> None:
     pack = configs(ADAM_PACK, tiny_data, precision="bf16")
     summaries, _ = packed(pack, tmp_path / "pack")
     assert all(s["state"] == "finished" and 0 <= s["test/acc"] <= 100 for s in summaries)
+
+
+def timeless(rows: list[dict]) -> list[dict]:
+    """History rows without the wall-clock metrics."""
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
+
+
+def test_a_pack_cut_short_resumes_exactly_as_one_pack(tiny_data: Path, tmp_path: Path) -> None:
+    pack = configs(SGD_PACK[:2] + [{"optimizer": "momentum", "seed": 1, "dropout": 0.3}], tiny_data, epochs=4)
+    whole, whole_logs = packed(pack, tmp_path / "whole")
+    loggers = [MemoryLogger() for _ in pack]
+    asked_after_epoch_2: list[int] = []
+
+    def signal_in_epoch_3() -> bool:  # asked once per member after an epoch, then before every batch
+        if len(loggers[0].history) == 2:
+            asked_after_epoch_2.append(1)
+        return len(asked_after_epoch_2) > len(pack) + 2  # the third batch of epoch 3
+
+    dirs = [tmp_path / "cut" / str(i) for i in range(len(pack))]
+    cut_short = train_pack(pack, loggers, dirs, stop_now=signal_in_epoch_3)
+    assert all(s["state"] == "stopped" and s["epochs_run"] == 2 for s in cut_short)
+    resumed, resumed_logs = packed(pack, tmp_path / "cut", resume=True)
+    for i in range(len(pack)):
+        assert [row["epoch"] for row in resumed_logs[i].history] == [3, 4]
+        assert timeless(resumed_logs[i].history) == timeless(whole_logs[i].history[2:])  # bit for bit, dropout too
+        assert max_difference(
+            load_checkpoint(tmp_path / "cut" / str(i) / "last.pt")["model"],
+            load_checkpoint(tmp_path / "whole" / str(i) / "last.pt")["model"],
+        ) == 0.0
+        assert resumed[i]["test/acc"] == whole[i]["test/acc"]
+
+
+def test_members_that_ended_different_epochs_cannot_resume_as_one_pack(tiny_data: Path, tmp_path: Path) -> None:
+    pack = configs(SGD_PACK[:2], tiny_data, epochs=3)
+    loggers = [MemoryLogger() for _ in pack]
+    dirs = [tmp_path / str(i) for i in range(len(pack))]
+    train_pack(pack, loggers, dirs, should_stop=lambda i: i == 0)  # member 0 ends after epoch 1, member 1 at 3
+    with pytest.raises(ConfigError, match=r"ended different epochs \(1, 3\)"):
+        train_pack(pack, loggers, dirs, resume=True)
+
+
+def test_on_end_reports_each_member_once_as_it_ends(tiny_data: Path, tmp_path: Path) -> None:
+    pack = configs(SGD_PACK[:3], tiny_data, epochs=3)
+    ended: list[tuple[int, str, int]] = []
+    record = lambda i, s: ended.append((i, s["state"], s["epochs_run"]))  # noqa: E731
+    packed(pack, tmp_path, should_stop=lambda i: i == 1, on_end=record)
+    assert ended[0] == (1, "stopped", 1)  # reported at once, while the others trained on
+    assert sorted(ended) == [(0, "finished", 3), (1, "stopped", 1), (2, "finished", 3)]
+
+
+@pytest.mark.parametrize("setting", [{"ema": 0.999}, {"tta": "flip"}, {"mixup": 1.0}, {"arch": "resnet8"}])
+def test_settings_packs_do_not_implement_are_refused_not_ignored(setting: dict) -> None:
+    config = RunConfig.from_dict(setting)
+    assert fusable(RunConfig()) and not fusable(config)  # the agent trains such a run alone
+    with pytest.raises(ConfigError, match=f"does not implement {next(iter(setting))}"):
+        check_pack([RunConfig(), config])

@@ -307,6 +307,32 @@ def test_sigterm_to_a_one_worker_agent_requeues_and_the_run_resumes_exactly(
     assert [[h[k] for k in METRICS] for h in resumed] == [[h[k] for k in METRICS] for h in fresh]
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_fused_agent_requeues_the_pack_and_it_resumes_as_one(
+    folder_dir: Path, tmp_path: Path, started: list
+) -> None:
+    sweep_file = write_smoke(tmp_path, folder_dir, epochs=30, batch_size=16, threads=1)  # relu and tanh packs
+    sweep_id = create(sweep_file)
+    store = home_store()
+    agent = start(started, "agent", sweep_id, "--fuse", "4", "--wandb", "disabled")
+    held = until(lambda: len(running(store, sweep_id, min_epochs=2)) == 2 and running(store, sweep_id), "a pack")
+    agent.send_signal(signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=120)
+    assert agent.returncode == -signal.SIGTERM, (stdout, stderr)
+    assert errors(stderr) == ["error: interrupted (SIGTERM): 2 run(s) requeued; they resume from their last checkpoint"]
+    assert {r["id"]: r["state"] for r in store.runs(sweep_id) if r["id"] in {h["id"] for h in held}} == {
+        h["id"]: "pending" for h in held
+    }
+    assert lenet("agent", sweep_id, "--fuse", "4", "--count", "2", "--wandb", "disabled").exit_code == 0
+    reference = create(sweep_file)  # the same grid again, never interrupted
+    assert lenet("agent", reference, "--fuse", "4", "--count", "2", "--wandb", "disabled").exit_code == 0
+    for run in held:
+        resumed, fresh = store.history(run["id"]), store.history(f"{reference}-{run['idx']:03d}")
+        assert len(resumed) == len(fresh) == 30
+        assert [[h[k] for k in METRICS] for h in resumed] == [[h[k] for k in METRICS] for h in fresh]
+        assert next(r for r in store.runs(sweep_id) if r["id"] == run["id"])["summary"]["pack_size"] == 2
+
+
 # ---- full disks (a real 2 MB tmpfs; needs root) ----------------------------------------------------------------
 
 

@@ -1,5 +1,7 @@
 """Sweep files, validation, the `sweeps`-package adapter and the SQLite store."""
 
+import math
+import random
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -8,8 +10,8 @@ import pytest
 import yaml
 
 from ablation.errors import StoreError, SweepError
-from ablation.store import WAIT, Store
-from ablation.sweep import grid_size, load_sweep_file, plain, suggest, sweep_run, validate_sweep
+from ablation.store import WAIT, Claim, Store
+from ablation.sweep import grid_size, load_sweep_file, plain, suggest, sweep_run, to_stop, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -196,3 +198,67 @@ def write_smoke(tmp_path: Path, data_dir: Path, **values) -> Path:
     path = tmp_path / "smoke.yaml"
     path.write_text(original.splitlines()[0] + "\n" + yaml.safe_dump(config))  # keep the question comment
     return path
+
+
+def test_claim_many_claims_one_pack_at_a_time_and_leaves_the_rest_pending(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(activation=["relu", "tanh"], seed=[0, 1, 2]), seed=0)
+    activation = lambda claim: claim.params["activation"]  # noqa: E731  (the agent's key: pack_key and epoch)
+    packs = []
+    while isinstance(claims := store.claim_many(sweep_id, "w", 4, key=activation), list):
+        assert len({activation(c) for c in claims}) == 1 and 1 <= len(claims) <= 4
+        packs.append([c.run_id for c in claims])
+        for claim in claims:
+            store.finish(claim.run_id, "finished", {})
+    claimed = [run_id for pack in packs for run_id in pack]
+    assert sorted(claimed) == sorted(r["id"] for r in store.runs(sweep_id)) and len(claimed) == 6  # each once
+    assert len(packs) < 6  # runs were claimed together
+    assert all(r["attempts"] == 1 for r in store.runs(sweep_id))
+
+
+HYPERBANDS = [
+    {"type": "hyperband", "min_iter": 2, "eta": 2},
+    {"type": "hyperband", "min_iter": 3, "eta": 3, "strict": True},
+    {"type": "hyperband", "max_iter": 27, "s": 3, "eta": 3},
+]
+
+
+@pytest.mark.parametrize("goal", ["maximize", "minimize"])
+@pytest.mark.parametrize("early_terminate", HYPERBANDS, ids=["min_iter", "strict", "max_iter"])
+def test_hyperband_from_indexed_rungs_decides_as_the_sweeps_engine(
+    tmp_path: Path, goal: str, early_terminate: dict
+) -> None:
+    rng = random.Random(f"{goal}{early_terminate}")
+    store = Store(tmp_path / "lenet.db")
+    config = {**grid(seed=list(range(60))), "metric": {"name": "val/acc", "goal": goal}}
+    sweep_id = store.create_sweep({**config, "early_terminate": early_terminate}, seed=0)
+    for claim in store.claim_many(sweep_id, "w", 60):
+        quality = rng.gauss(50, 10)
+        epochs = rng.randint(0, 14)
+        for epoch in range(1, epochs + 1):  # NaN epochs (a diverging run) do not count as positions
+            value = quality + epoch + rng.gauss(0, 2) if rng.random() > 0.1 else math.nan
+            store.log_epoch(claim.run_id, epoch, {"val/acc": value})
+        if rng.random() < 0.1 and epochs > 1:  # a resumed run logs its last epoch again
+            store.log_epoch(claim.run_id, epochs, store.history(claim.run_id)[-1])
+        if rng.random() < 0.3:
+            store.finish(claim.run_id, "finished" if rng.random() < 0.5 else "failed", {})
+    runs = store.runs(sweep_id)
+    engine_runs = [sweep_run(r["id"], r["state"], r["params"], store.history(r["id"]), r["summary"]) for r in runs]
+    expected = to_stop({**config, "early_terminate": early_terminate}, engine_runs)
+    running = [r["id"] for r in runs if r["state"] == "running"]
+    assert 0 < len(expected) < len(running)  # the case decides something
+    assert {run_id for run_id in running if store.should_stop(run_id)} == expected
+
+
+def test_a_grid_is_claimed_in_the_order_the_engine_hands_it_out_one_by_one(tmp_path: Path) -> None:
+    config = grid(activation=["relu", "tanh", "gelu"], seed=[0, 1], lr=[0.1, 0.01])
+    one_by_one: list[dict] = []
+    while (params := suggest(config, [sweep_run(str(i), "finished", p, [], {}) for i, p in enumerate(one_by_one)], 0)):
+        one_by_one.append(params)
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(config, seed=0)
+    claimed = []
+    while isinstance(claim := store.claim(sweep_id, "w"), Claim):
+        claimed.append(claim.params)
+        store.finish(claim.run_id, "finished", {})
+    assert claimed == one_by_one and len(claimed) == 12
