@@ -271,10 +271,12 @@ def test_a_killed_worker_is_replaced_and_its_run_requeued_at_once(
     agent = start(started, "agent", sweep_id, "--workers", "2", "--wandb", "disabled")
     victim = until(lambda: len(running(store, sweep_id)) == 2 and running(store, sweep_id)[0], "two runs in progress")
     os.kill(victim["pid"], signal.SIGKILL)
+    epochs = len(store.history(victim["id"]))
 
-    def resumed() -> dict | None:
+    def resumed() -> dict | None:  # and trained an epoch more: its start line was printed before it
         run = next(r for r in store.runs(sweep_id) if r["id"] == victim["id"])
-        return run if run["state"] == "running" and run["pid"] != victim["pid"] else None
+        trained = len(store.history(victim["id"])) > epochs
+        return run if run["state"] == "running" and run["pid"] != victim["pid"] and trained else None
 
     again = until(resumed, "a replacement worker to resume the run")
     assert again["attempts"] == victim["attempts"] + 1 and alive(again["pid"])
