@@ -248,7 +248,11 @@ def train(
 
 @app.command()
 def test(
-    checkpoint: Annotated[Path, typer.Argument(help="A best.pt or last.pt written by `lenet train`.")],
+    checkpoint: Annotated[
+        str,
+        typer.Argument(help="A best.pt or last.pt written by `lenet train`, or a run id (its best.pt; fetched from a "
+        "PostgreSQL store when it trained on another host)."),
+    ],
     data_dir: Annotated[str | None, typer.Option(help="Evaluate on the test set found in this folder instead.")] = None,
     data: Annotated[
         str | None, typer.Option(help="Data source for --data-dir: auto, cifar10, folder, synthetic.")
@@ -263,7 +267,12 @@ def test(
         overrides["data_dir"] = data_dir
     if data is not None:
         overrides["data"] = data
-    result = evaluate_checkpoint(checkpoint, overrides)
+    path = Path(checkpoint)
+    if not path.exists() and path.suffix != ".pt" and len(path.parts) == 1:  # a run id
+        from ablation.agent import run_checkpoint
+
+        path = run_checkpoint(checkpoint)
+    result = evaluate_checkpoint(path, overrides)
     console.print(
         f"test accuracy {result['test/acc']:.2f}%  loss {result['test/loss']:.4f}  on "
         f"{result['images']} images of {result['dataset']} (trained on {result['trained_on']}, "

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ablation.config import RunConfig
-from ablation.errors import Interrupted, LenetError, OutputError, StoreError
+from ablation.errors import CheckpointError, Interrupted, LenetError, OutputError, StoreError
 from ablation.fused import fusable, pack_key, train_pack
+from ablation.paths import write_bytes
 from ablation.signals import StopRequest, StopSignal, signal_name
 from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home, runs_home
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
-from ablation.train import cpu_threads, resumable, train
+from ablation.train import cpu_threads, load_checkpoint, resumable, train
 
 Event = Callable[[str, dict[str, Any]], None]  # (kind, details): how workers report to the CLI
 T = TypeVar("T")
@@ -70,6 +71,70 @@ class StoreLogger:
         pass
 
 
+CHECKPOINT_FILES = ("best.pt", "last.pt")  # a run's files a PostgreSQL store keeps copies of
+
+
+class CheckpointMirror:
+    """Copies a run's checkpoint files into a PostgreSQL store whenever they changed: at every epoch (last.pt is
+    then the previous epoch's, written after the log) and at the end. Another host resumes the run from there."""
+
+    def __init__(self, store: Store, run_id: str, run_dir: Path) -> None:
+        self.store, self.run_id, self.run_dir = store, run_id, run_dir
+        self.copied: dict[str, int] = {}  # file name -> the st_mtime_ns copied
+
+    def _copy(self) -> None:
+        for name in CHECKPOINT_FILES:
+            path = self.run_dir / name
+            try:
+                stamp = path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self.copied.get(name) != stamp:
+                data = path.read_bytes()
+                self.store.put_checkpoint(self.run_id, name, load_checkpoint(path)["epoch"], data)
+                self.copied[name] = stamp
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._copy()
+
+    def progress(self, done: int, total: int) -> None:
+        pass
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        self._copy()
+
+
+def fetch_checkpoints(store: Store, run_id: str, run_dir: Path) -> None:
+    """Bring a run's checkpoints from a PostgreSQL store into `run_dir` where the local copy is missing or older
+    (the run last trained on another host)."""
+    for name in CHECKPOINT_FILES:
+        stored = store.checkpoint(run_id, name)
+        path = run_dir / name
+        if stored and (not path.exists() or load_checkpoint(path)["epoch"] < stored[0]):
+            write_bytes(path, stored[1], "checkpoint", "set LENET_HOME to a writable folder with free space")
+
+
+def run_checkpoint(run_id: str, name: str = "best.pt") -> Path:
+    """A run's checkpoint by run id: in this host's runs folder, else copied there from a PostgreSQL store."""
+    store = Store()
+    folder = runs_home(store.location) / "runs" / run_id
+    if not (folder / name).exists() and store.postgres:
+        fetch_checkpoints(store, run_id, folder)
+    if not (folder / name).exists():
+        raise CheckpointError(
+            f"run {run_id} has no {name} in {folder} or in the store {store.path}; pass a checkpoint's path, or the "
+            "id of a run that store trained (`lenet sweep status SWEEP_ID` lists them)"
+        )
+    return folder / name
+
+
+def run_loggers(store: Store, run_id: str, run_dir: Path, wandb_run: Any) -> FanOut:
+    """Where a claimed run reports: the store (history, heartbeat), its checkpoints' copies in a PostgreSQL store,
+    and its W&B run."""
+    mirror = [CheckpointMirror(store, run_id, run_dir)] if store.postgres else []
+    return FanOut(StoreLogger(store, run_id), *mirror, *([WandbLogger(wandb_run)] if wandb_run else []))
+
+
 class Heartbeat:
     """A background thread that marks runs alive every timeout/4 seconds while they train."""
 
@@ -78,13 +143,20 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._beat, args=(store_path, run_ids), daemon=True)
 
     def _beat(self, store_path: Path | str, run_ids: tuple[str, ...]) -> None:
-        while not self.stop.wait(heartbeat_timeout() / 4):
-            try:  # its own connection: sqlite connections are not shared across threads
-                with Store(store_path) as store:
+        # Its own connection (sqlite connections are not shared across threads), opened once: opening a store
+        # checks the whole file, which costs seconds for a large one.
+        store = None
+        try:
+            while not self.stop.wait(heartbeat_timeout() / 4):
+                try:
+                    store = store or Store(store_path)
                     for run_id in run_ids:
                         store.heartbeat(run_id)
-            except StoreError:  # a busy or locked store: the next beat retries (epochs also count as beats)
-                pass
+                except StoreError:  # a busy or locked store: the next beat retries (epochs also count as beats)
+                    pass
+        finally:
+            if store is not None:
+                store.close()
 
     def __enter__(self) -> Heartbeat:
         self.thread.start()
@@ -113,7 +185,9 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, s
     try:
         config = run_config(claim.config or claim.params, spec)  # the full config the store recorded at claim
         wandb_run = claim_wandb(store, claim, spec, config)
-        logger = FanOut(StoreLogger(store, claim.run_id), *([WandbLogger(wandb_run)] if wandb_run else []))
+        logger = run_loggers(store, claim.run_id, run_dir, wandb_run)
+        if claim.attempt > 1 and store.postgres:
+            fetch_checkpoints(store, claim.run_id, run_dir)
         with Heartbeat(spec.store_path, claim.run_id), stop.deferred():  # a signal ends training at the next batch
             summary = train(
                 config,
@@ -197,7 +271,12 @@ def pack_of(claim: Claim, spec: WorkerSpec) -> Hashable:
     config = run_config(claim.config, spec)
     if not fusable(config):
         return ("alone", claim.run_id)
-    checkpoint = resumable(home_of(spec) / "runs" / claim.run_id / "last.pt", config) if claim.attempt > 1 else None
+    if claim.attempt == 1:
+        return pack_key(config), 0
+    last = home_of(spec) / "runs" / claim.run_id / "last.pt"
+    if not last.exists():  # it trained on another host (its checkpoints come from the store) or not at all
+        return ("alone", claim.run_id)
+    checkpoint = resumable(last, config)
     return pack_key(config), checkpoint["epoch"] if checkpoint else 0
 
 
@@ -253,12 +332,13 @@ def train_pack_claims(
     try:
         configs = [run_config(c.config or c.params, spec) for c in claims]
         runs = [claim_wandb(store, c, spec, config) for c, config in zip(claims, configs)]
-        loggers = [FanOut(StoreLogger(store, run_id), *([WandbLogger(r)] if r else [])) for run_id, r in zip(ids, runs)]
+        dirs = [home_of(spec) / "runs" / run_id for run_id in ids]
+        loggers = [run_loggers(store, run_id, folder, r) for run_id, folder, r in zip(ids, dirs, runs)]
         with Heartbeat(spec.store_path, *ids), stop.deferred():  # a signal ends training at the next batch
             train_pack(
                 configs,
                 loggers,
-                [home_of(spec) / "runs" / i for i in ids],
+                dirs,
                 should_stop=lambda i: store.should_stop(ids[i]),
                 stop_now=stop,
                 resume=any(c.attempt > 1 for c in claims),

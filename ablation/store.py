@@ -84,6 +84,13 @@ MIGRATIONS = (
             FROM history h JOIN runs r ON r.id = h.run_id JOIN sweeps s ON s.id = r.sweep_id)
         WHERE typeof(value) IN ('real', 'integer');
     """,
+    # 5: checkpoints kept in the store (a PostgreSQL store mirrors each run's best.pt and last.pt here, so a run
+    # resumes on another host and `lenet test RUN_ID` finds its weights); one row per run and file name
+    """
+    CREATE TABLE checkpoints (
+        run_id TEXT NOT NULL REFERENCES runs(id), name TEXT NOT NULL, epoch INTEGER NOT NULL, data BLOB NOT NULL,
+        saved_at REAL NOT NULL, PRIMARY KEY (run_id, name));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The same schema (version SCHEMA_VERSION) for PostgreSQL, created in one step: the same tables and columns in the
@@ -113,7 +120,18 @@ PG_SCHEMA = """
         sweep_id TEXT NOT NULL, run_id TEXT NOT NULL REFERENCES runs(id), epoch INTEGER NOT NULL,
         pos INTEGER NOT NULL, value DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, epoch));
     CREATE INDEX rungs_by_pos ON rungs (sweep_id, pos, value);
+    CREATE TABLE checkpoints (
+        run_id TEXT NOT NULL REFERENCES runs(id), name TEXT NOT NULL, epoch INTEGER NOT NULL, data BYTEA NOT NULL,
+        saved_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name));
 """
+# PostgreSQL's steps from each version it has had to the next (version 4 was its first).
+PG_MIGRATIONS = {
+    4: """
+    CREATE TABLE checkpoints (
+        run_id TEXT NOT NULL REFERENCES runs(id), name TEXT NOT NULL, epoch INTEGER NOT NULL, data BYTEA NOT NULL,
+        saved_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (run_id, name));
+    """,
+}
 PG_LOCK = 0x6C656E6574  # the advisory lock every write transaction on a PostgreSQL store takes ("lenet")
 TERMINAL = ("finished", "failed", "diverged", "stopped", "stopped_early")
 WAIT = "wait"  # claim() result: nothing to claim now, but runs in flight may still be requeued
@@ -556,11 +574,16 @@ class Store:
             raise pg_error(exc, url) from None
         if self._pg_version() < SCHEMA_VERSION:
             with self.transaction() as db:
-                if self._pg_version() == 0:  # again, under the lock: another process may have done it
-                    for statement in PG_SCHEMA.split(";"):
+                version = self._pg_version()  # again, under the lock: another process may have done it
+                steps = [PG_SCHEMA] if version == 0 else [PG_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
+                for step in steps:
+                    for statement in step.split(";"):
                         if statement.strip():
                             db.execute(statement)
+                if version == 0:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                else:
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def _pg_version(self) -> int:
         """A PostgreSQL store's schema version (0: an empty database), or a StoreError for one not ours or newer."""
@@ -576,12 +599,12 @@ class Store:
                 f"the sweep store {self.path} was made by a newer lenet (schema {version}; this one reads up to "
                 f"{SCHEMA_VERSION}); upgrade lenet, or point LENET_STORE at another database"
             )
-        if 0 < version < SCHEMA_VERSION:  # (no older PostgreSQL schema exists yet: version 4 was the first)
+        if 0 < version < SCHEMA_VERSION and any(v not in PG_MIGRATIONS for v in range(version, SCHEMA_VERSION)):
             raise StoreError(
-                f"PostgreSQL store: migrating {self.path} from schema {version} to {SCHEMA_VERSION} is not supported "
-                f"yet; export its sweeps (`lenet sweep export`) and point LENET_STORE at a new, empty database"
+                f"PostgreSQL store: migrating {self.path} from schema {version} to {SCHEMA_VERSION} is not supported; "
+                f"export its sweeps (`lenet sweep export`) and point LENET_STORE at a new, empty database"
             )
-        if version != SCHEMA_VERSION or set(tables) != set(schema_tables(SCHEMA_VERSION)) | {"meta"}:
+        if version == 0 or set(tables) != set(schema_tables(version)) | {"meta"}:
             names = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
             raise StoreError(
                 f"{self.path} is a PostgreSQL database of another program (tables: {names}), not a lenet sweep "
@@ -972,6 +995,20 @@ class Store:
             db.execute(
                 "UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id)
             )
+
+    def put_checkpoint(self, run_id: str, name: str, epoch: int, data: bytes) -> None:
+        """Keep a copy of a run's checkpoint file `name` (best.pt, last.pt) in the store, replacing the last one."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO checkpoints VALUES (?,?,?,?,?) ON CONFLICT (run_id, name) DO UPDATE SET "
+                "epoch = excluded.epoch, data = excluded.data, saved_at = excluded.saved_at",
+                (run_id, name, epoch, data, time.time()),
+            )
+
+    def checkpoint(self, run_id: str, name: str) -> tuple[int, bytes] | None:
+        """The stored copy of a run's checkpoint file `name`: (epoch, bytes), or None."""
+        rows = self._rows("SELECT epoch, data FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def retry_failed(self, sweep_id: str) -> int:
         """Requeue the sweep's failed and diverged runs; returns how many."""

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import lenet
-from test_sweep import ROOT, write_smoke
+from test_sweep import ROOT, grid, write_smoke
 
-from ablation.agent import wandb_sweep_function
-from ablation.store import Store
+from ablation.agent import Heartbeat, wandb_sweep_function
+from ablation.store import WAIT, Store
 
 
 def create(path: Path) -> str:
@@ -281,3 +281,17 @@ def test_a_killed_pack_resumes_every_member_exactly(
 def timeless(history: list[dict]) -> list[dict]:
     """Stored epochs without the wall-clock metrics."""
     return [{k: v for k, v in h.items() if not k.startswith(("time/", "throughput/"))} for h in history]
+
+
+def test_the_heartbeat_thread_keeps_a_pack_alive_between_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "0.4")  # a beat every 0.1 s
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(seed=[0, 1]), seed=0)
+    claims = store.claim_many(sweep_id, "w", 2)
+    before = {r["id"]: r["heartbeat_at"] for r in store.runs(sweep_id)}
+    with Heartbeat(store.path, *(c.run_id for c in claims)):
+        time.sleep(1.0)  # longer than the timeout: without beats the next claim would requeue them
+    assert all(r["heartbeat_at"] > before[r["id"]] + 0.5 for r in store.runs(sweep_id))
+    assert store.claim(sweep_id, "other") == WAIT  # still theirs
