@@ -175,9 +175,7 @@ def run_config(params: dict[str, Any], spec: WorkerSpec) -> RunConfig:
 
 def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> str:
     """Train one claimed run, recording its history, summary, state or error; returns the final state."""
-    # A stop signal (`stop`) requeues the run (it resumes exactly from last.pt) and raises StopSignal; a failed
-    # checkpoint write (OutputError: a full or read-only disk, not the run's fault) requeues it and is raised,
-    # to stop the worker.
+    # How a stop signal, a failed checkpoint write or another error ends it: `settle`.
     stop = stop or StopRequest()  # never set: nothing stops this run from outside
     run_dir = home_of(spec) / "runs" / claim.run_id
     on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
@@ -202,27 +200,38 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, s
         store.finish(claim.run_id, summary["state"], summary)
         on_event("end", {"run": claim.run_id, "state": summary["state"], "summary": summary})
         return summary["state"]
-    except KeyboardInterrupt:  # a stop signal (StopSignal) or Ctrl-C: hand the run back; it resumes exactly
-        store.requeue(claim.run_id, INTERRUPTED)
-        raise
-    except Exception as exc:  # a failed run is recorded, never allowed to kill the agent
-        if stop.signum is not None:  # the stop surfaced as another error (a library caught and re-raised it)
-            store.requeue(claim.run_id, INTERRUPTED)
-            raise StopSignal(stop.signum) from None
-        if isinstance(exc, OutputError):  # a full or read-only disk is not the run's fault: hand it back
-            store.requeue(claim.run_id, f"requeued: {exc}")
-            raise OutputError(f"{exc}; run {claim.run_id} was requeued") from None
-        message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
-        store.finish(
-            claim.run_id,
-            "failed",
-            error=message + ("" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()),
-        )
-        on_event("end", {"run": claim.run_id, "state": "failed", "error": message})
+    except BaseException as exc:
+        settle(store, [claim.run_id], exc, stop, on_event)
         return "failed"
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def settle(store: Store, run_ids: list[str], exc: BaseException, stop: StopRequest, on_event: Event) -> None:
+    """After `exc` ended training of `run_ids`: hand them back and re-raise, or record them as failed."""
+    # A stop signal or Ctrl-C (also when it surfaced as another error: a library caught and re-raised it) requeues
+    # them, to resume exactly; a full or read-only disk (OutputError) is not their fault: requeued, and raised to
+    # stop the worker. Anything else fails them, never the agent.
+    if not isinstance(exc, Exception):  # KeyboardInterrupt (StopSignal is one), SystemExit: not a failed run
+        if isinstance(exc, KeyboardInterrupt):
+            for run_id in run_ids:
+                store.requeue(run_id, INTERRUPTED)
+        raise exc
+    if stop.signum is not None:
+        for run_id in run_ids:
+            store.requeue(run_id, INTERRUPTED)
+        raise StopSignal(stop.signum) from None
+    if isinstance(exc, OutputError):
+        for run_id in run_ids:
+            store.requeue(run_id, f"requeued: {exc}")
+        which = f"run {run_ids[0]} was" if len(run_ids) == 1 else f"runs {', '.join(run_ids)} were"
+        raise OutputError(f"{exc}; {which} requeued") from None
+    message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
+    detail = "" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()
+    for run_id in run_ids:
+        store.finish(run_id, "failed", error=message + detail)
+        on_event("end", {"run": run_id, "state": "failed", "error": message})
 
 
 def claim_wandb(store: Store, claim: Claim, spec: WorkerSpec, config: RunConfig) -> Any:
@@ -309,9 +318,8 @@ def train_pack_claims(
     store: Store, claims: list[Claim], spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None
 ) -> None:
     """Train claimed runs as one pack (ablation.fused); each stays its own run in the store and in W&B."""
-    # As train_claim: a stop signal requeues the members still training (they resume as one pack from their
-    # last.pt) and raises StopSignal; a failed checkpoint write requeues them and is raised; another error fails
-    # them. A member that ends before the others (hyperband, early stopping, divergence) is recorded at once.
+    # A member that ends before the others (hyperband, early stopping, divergence) is recorded at once; the rest
+    # are settled as train_claim's run (requeued members resume as one pack from their last.pt).
     stop = stop or StopRequest()
     ids = [c.run_id for c in claims]
     ended: set[int] = set()
@@ -325,9 +333,6 @@ def train_pack_claims(
         store.finish(ids[i], summary["state"], summary)
         ended.add(i)
         on_event("end", {"run": ids[i], "state": summary["state"], "summary": summary})
-
-    def unfinished() -> list[str]:
-        return [run_id for i, run_id in enumerate(ids) if i not in ended]
 
     try:
         configs = [run_config(c.config or c.params, spec) for c in claims]
@@ -346,24 +351,8 @@ def train_pack_claims(
             )
         if stop.signum is not None:
             raise StopSignal(stop.signum)
-    except KeyboardInterrupt:  # a stop signal (StopSignal) or Ctrl-C: hand the runs back; they resume exactly
-        for run_id in unfinished():
-            store.requeue(run_id, INTERRUPTED)
-        raise
-    except Exception as exc:
-        if stop.signum is not None:
-            for run_id in unfinished():
-                store.requeue(run_id, INTERRUPTED)
-            raise StopSignal(stop.signum) from None
-        if isinstance(exc, OutputError):
-            for run_id in unfinished():
-                store.requeue(run_id, f"requeued: {exc}")
-            raise OutputError(f"{exc}; runs {', '.join(unfinished())} were requeued") from None
-        message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
-        detail = "" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()
-        for run_id in unfinished():
-            store.finish(run_id, "failed", error=message + detail)
-            on_event("end", {"run": run_id, "state": "failed", "error": message})
+    except BaseException as exc:  # members still training: as train_claim's run
+        settle(store, [run_id for i, run_id in enumerate(ids) if i not in ended], exc, stop, on_event)
     finally:
         for run in runs:
             if run is not None:

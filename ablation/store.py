@@ -822,10 +822,11 @@ class Store:
                         "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?",
                         (sweep_id, after, PAGE),
                     ).fetchall()
-                    for row in rows[: limit - len(claims)] if key is None else rows:
+                    for row in rows:
+                        if len(claims) >= limit:
+                            break
                         after = row["idx"]
-                        if len(claims) < limit:
-                            offer(row)
+                        offer(row)
                     if len(rows) < PAGE:
                         break
                 if len(claims) >= limit or self._new_run(db, sweep) is None:

@@ -540,10 +540,12 @@ def train(
         }
         logger.log(metrics, epoch)
         if record.add(epoch, metrics, net) and checkpoint_dir:
-            save_checkpoint(checkpoint_dir / "best.pt", net, config, dataset, record.summary(), epoch, train_b)
+            best = checkpoint(net, config, dataset, record.summary(), epoch, train_b)
+            write_checkpoints({checkpoint_dir / "best.pt": best})
         stop = record.should_stop(lambda: bool(stop_now and stop_now()) or bool(should_stop and should_stop()))
         if last:
-            save_checkpoint(last, net, config, dataset, record.summary(), epoch, train_b, trainer.resume_state(record))
+            resume_state = trainer.resume_state(record)
+            write_checkpoints({last: checkpoint(net, config, dataset, record.summary(), epoch, train_b, resume_state)})
         if stop:
             break
     summary = record.finish(net, test_b, dtype, start)
@@ -557,7 +559,8 @@ def train(
         **({"time/teacher_s": teacher_s} if teacher is not None else {}),
     )
     if last and not cut_short:  # the weights of a cut-short epoch are not a resumable state
-        save_checkpoint(last, net, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
+        final = checkpoint(net, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
+        write_checkpoints({last: final})
     logger.summary(summary)
     return summary
 
@@ -711,21 +714,6 @@ class Record:
         }
 
 
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    config: RunConfig,
-    dataset: Dataset,
-    metrics: dict[str, Any],
-    epoch: int,
-    train_b: Batches,
-    resume: dict[str, Any] | None = None,
-) -> None:
-    """Weights, full config, metrics, dataset name and normalisation stats (loadable with weights_only);
-    `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
-    write_checkpoints({path: checkpoint(model, config, dataset, metrics, epoch, train_b, resume)})
-
-
 def checkpoint(
     model: nn.Module,
     config: RunConfig,
@@ -735,7 +723,8 @@ def checkpoint(
     train_b: Batches,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What save_checkpoint writes (see there)."""
+    """A checkpoint's contents: weights, full config, metrics, dataset name and normalisation stats (loadable with
+    weights_only); `resume` adds optimiser, schedule, RNG and bookkeeping state so the run can continue exactly."""
     payload = {
         "model": model.state_dict(),
         "config": config.to_dict(),
