@@ -250,8 +250,10 @@ def train(
 def test(
     checkpoint: Annotated[
         str,
-        typer.Argument(help="A best.pt or last.pt written by `lenet train`, or a run id (its best.pt; fetched from a "
-        "PostgreSQL store when it trained on another host)."),
+        typer.Argument(
+            help="A best.pt or last.pt written by `lenet train`, or a run id (its best.pt; fetched from a "
+            "PostgreSQL store when it trained on another host)."
+        ),
     ],
     data_dir: Annotated[str | None, typer.Option(help="Evaluate on the test set found in this folder instead.")] = None,
     data: Annotated[
@@ -357,7 +359,7 @@ def sweep_ls() -> None:
     """List the sweeps in the local store (W&B sweeps created here included)."""
     from ablation.store import Store
 
-    store = Store()
+    store = Store(create=False)
     table = Table("id", "name", "backend", "method", "state", "runs (done/all)", "created")
     for sweep in store.sweeps():
         runs = store.runs(sweep["id"])
@@ -389,7 +391,7 @@ def sweep_status(
     from ablation.store import Store, heartbeat_timeout, home
     from ablation.sweep import grid_size
 
-    store = Store()
+    store = Store(create=False)
     sweep = store.sweep(sweep_id)
     runs = store.runs(sweep_id)
     config = sweep["config"]
@@ -508,7 +510,7 @@ def sweep_stop(sweep_id: Annotated[str, typer.Argument(help="The sweep to stop."
     """Stop a sweep: workers claim no new runs; runs in progress finish."""
     from ablation.store import Store
 
-    store = Store()
+    store = Store(create=False)
     store.set_sweep_state(sweep_id, "stopped")
     console.print(f"sweep {sweep_id} stopped: no new runs will start", highlight=False)
 
@@ -656,7 +658,7 @@ def load_results(sources: list[str]) -> Any:
         elif source.count("/") == 2:
             parts.append(from_wandb(source))
         else:
-            store = Store()
+            store = Store(create=False)
             sweep = store.sweep(source)
             path = "/".join(p for p in (sweep["entity"], sweep["project"], source) if p)
             parts.append(from_wandb(path) if sweep["backend"] == "wandb" else from_store(store, source))

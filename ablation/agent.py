@@ -23,7 +23,7 @@ from ablation.errors import CheckpointError, Interrupted, LenetError, OutputErro
 from ablation.fused import fusable, pack_key, train_pack
 from ablation.paths import write_bytes
 from ablation.signals import StopRequest, StopSignal, signal_name
-from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home, runs_home
+from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home, runs_home, shown, store_location
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
 from ablation.train import cpu_threads, load_checkpoint, resumable, train
 
@@ -116,14 +116,15 @@ def fetch_checkpoints(store: Store, run_id: str, run_dir: Path) -> None:
 
 def run_checkpoint(run_id: str, name: str = "best.pt") -> Path:
     """A run's checkpoint by run id: in this host's runs folder, else copied there from a PostgreSQL store."""
-    store = Store()
-    folder = runs_home(store.location) / "runs" / run_id
-    if not (folder / name).exists() and store.postgres:
-        fetch_checkpoints(store, run_id, folder)
+    location = store_location()
+    folder = runs_home(location) / "runs" / run_id
+    if not (folder / name).exists() and isinstance(location, str):  # PostgreSQL: maybe trained on another host
+        fetch_checkpoints(Store(location), run_id, folder)
     if not (folder / name).exists():
         raise CheckpointError(
-            f"run {run_id} has no {name} in {folder} or in the store {store.path}; pass a checkpoint's path, or the "
-            "id of a run that store trained (`lenet sweep status SWEEP_ID` lists them)"
+            f"{run_id} is neither a checkpoint file nor a run with a {name} in {folder}"
+            + ("" if isinstance(location, Path) else f" or in the store {shown(location)}")
+            + "; pass a checkpoint's path, or a run id (`lenet sweep status SWEEP_ID` lists them)"
         )
     return folder / name
 
@@ -264,7 +265,7 @@ def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | 
     """Runs from the first of the worker's sweeps that has some (up to `limit`, one pack); WAIT while any
     still has runs in flight."""
     waiting = False
-    key = functools.partial(pack_of, spec=spec) if limit > 1 else None
+    key = functools.partial(pack_of, spec=spec, store=store) if limit > 1 else None
     for sweep_id in spec.sweep_ids:
         claims = store.claim_many(sweep_id, spec.name, limit, {"threads": spec.threads}, key)  # configs stored
         if isinstance(claims, list):
@@ -273,8 +274,9 @@ def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | 
     return WAIT if waiting else None
 
 
-def pack_of(claim: Claim, spec: WorkerSpec) -> Hashable:
-    """Which pack a claimed run may join: runs that agree on `pack_key` and ended the same epoch (0: fresh)."""
+def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hashable:
+    """Which pack a claimed run may join: runs that agree on `pack_key` and ended the same epoch (0: fresh). A
+    resumed run's newer checkpoints in a PostgreSQL `store` are fetched first (it trained on another host since)."""
     if claim.config is None:
         return ("alone", claim.run_id)  # its parameters are invalid: it fails alone, saying why
     config = run_config(claim.config, spec)
@@ -283,6 +285,8 @@ def pack_of(claim: Claim, spec: WorkerSpec) -> Hashable:
     if claim.attempt == 1:
         return pack_key(config), 0
     last = home_of(spec) / "runs" / claim.run_id / "last.pt"
+    if store is not None and store.postgres:
+        fetch_checkpoints(store, claim.run_id, last.parent)
     if not last.exists():  # it trained on another host (its checkpoints come from the store) or not at all
         return ("alone", claim.run_id)
     checkpoint = resumable(last, config)

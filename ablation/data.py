@@ -420,20 +420,42 @@ def augment_indices(
     return view_indices(*augment_draws(batch, mode, gen, device))
 
 
-def gather_batch(images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+def gather_batch(
+    images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.Generator, fill: torch.Tensor | None = None
+) -> torch.Tensor:
     """The uint8 images at `idx`, each randomly cropped/flipped, in one gather (no per-image Python)."""
-    return gather_views(images, idx, mode, gen)[0]
+    return gather_views(images, idx, mode, gen, fill)[0]
 
 
 def gather_views(
-    images: torch.Tensor, idx: torch.Tensor, mode: str, gen: torch.Generator | None
+    images: torch.Tensor,
+    idx: torch.Tensor,
+    mode: str,
+    gen: torch.Generator | None,
+    fill: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`gather_batch` that also returns each image's view id (`view_ids`)."""
     if mode == "none":
         return images[idx], torch.full((len(idx),), IDENTITY_VIEW, device=images.device)
     assert gen is not None
     shift, flip = augment_draws(len(idx), mode, gen, images.device)
-    return take_view(images, idx, *view_indices(shift, flip)), view_ids(shift, flip)
+    return take_views(images, idx, shift, flip, fill), view_ids(shift, flip)
+
+
+def take_views(
+    images: torch.Tensor, idx: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor, fill: torch.Tensor | None
+) -> torch.Tensor:
+    """The images at `idx` cropped by `shift` and mirrored by `flip`: the padding mirrors the image, or is the
+    colour `fill` (uint8, 1 x 3 x 1 x 1) where one is given."""
+    x = take_view(images, idx, *view_indices(shift, flip))
+    return x if fill is None else torch.where(pad_mask(shift), fill, x)
+
+
+def pad_mask(shift: torch.Tensor) -> torch.Tensor:
+    """B x 1 x 32 x 32: the pixels a crop by `shift` (2 x B x 1) takes from the padding (mirroring moves none)."""
+    base = torch.arange(32, device=shift.device)
+    outside = ((base + shift) < 0) | ((base + shift) > 31)  # 2 x B x 32: rows, then columns
+    return (outside[0][:, :, None] | outside[1][:, None, :])[:, None]
 
 
 def take_view(images: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -458,6 +480,7 @@ class Batches:
     drop_last: bool = False  # training drops a ragged last batch (batch norm needs > 1 image)
     memory_format: torch.memory_format = torch.contiguous_format
     gen: torch.Generator | None = None
+    fill: torch.Tensor | None = None  # the crop's padding colour (uint8, 1 x 3 x 1 x 1); None = mirror the image
 
     def _stop(self) -> int:
         n = len(self.labels)
@@ -484,7 +507,7 @@ class Batches:
         )
         for start in range(0, self._stop(), self.batch_size):
             idx = order[start : start + self.batch_size]
-            x, view = gather_views(self.images, idx, self.augment, self.gen)
+            x, view = gather_views(self.images, idx, self.augment, self.gen, self.fill)
             yield self.normalise(x), self.labels[idx], idx, view
 
 
@@ -561,15 +584,16 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def tta_views(x: torch.Tensor, mode: str) -> list[tuple[float, torch.Tensor]]:
+def tta_views(x: torch.Tensor, mode: str, pad: str = "reflect") -> list[tuple[float, torch.Tensor]]:
     """(weight, view) pairs whose weighted logits `evaluate` sums. flip: the image and its mirror, 1/2 each;
     flip_crop (airbench94's mirror + translate): that pair at 1/2, and the pair shifted by 1 px up-left and
-    down-right (reflect padding, as the training crop) at 1/4 each."""
+    down-right (padded as the training crop: mirrored, or pad=mean: 0, the mean colour of normalised images) at
+    1/4 each."""
     if mode == "none":
         return [(1.0, x)]
     if mode == "flip":
         return [(0.5, x), (0.5, x.flip(3))]
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect" if pad == "reflect" else "constant")
     shifted = [padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
     return [(0.25, x), (0.25, x.flip(3))] + [(0.125, v) for s in shifted for v in (s, s.flip(3))]
 

@@ -48,6 +48,7 @@ PACK_SETTINGS = (
     "batch_size",
     "epochs",
     "augment",
+    "pad",
     "data",
     "data_dir",
     "val_size",
@@ -314,7 +315,7 @@ def lr_table(configs: Sequence[RunConfig], steps_per_epoch: int) -> torch.Tensor
     rows = []
     for c in configs:
         warmup = round(c.warmup_epochs * steps_per_epoch)
-        rows.append([lr_factor(s, total, warmup, c.schedule) for s in range(total + 1)])
+        rows.append([lr_factor(s, total, warmup, c.schedule, c.step_drops()) for s in range(total + 1)])
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -351,12 +352,12 @@ class PackTrainer:
         """Member i's current lr, as train() logs it (scheduler.get_last_lr()[0])."""
         return self.configs[i].lr * lr_factor(*self.schedule(i))
 
-    def schedule(self, i: int) -> tuple[int, int, int, str]:
-        """lr_factor's arguments for member i now: (steps done, total steps, warm-up steps, schedule)."""
+    def schedule(self, i: int) -> tuple[int, int, int, str, tuple[float, ...]]:
+        """lr_factor's arguments for member i now: (steps done, total steps, warm-up steps, schedule, drops)."""
         total = self.factors.shape[1] - 1
         steps_per_epoch = total // self.configs[i].epochs
         warmup = round(self.configs[i].warmup_epochs * steps_per_epoch)
-        return self.optimizer.steps, total, warmup, self.configs[i].schedule
+        return self.optimizer.steps, total, warmup, self.configs[i].schedule, self.configs[i].step_drops()
 
     def freeze(self, i: int) -> None:
         """Member i stops updating: its weights and batch-norm statistics stay as they are."""

@@ -544,7 +544,9 @@ class Store:
     """A connection to the store (a SQLite file or a PostgreSQL database); open one per process (and `close` it,
     or use it in a `with`). `location` (a Path or a PostgreSQL URL) opens the same store again."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, create: bool = True) -> None:
+        """Open the store at `path` (default: `store_location()`); create=False refuses to start a new SQLite file
+        (commands that only read or change existing sweeps)."""
         self.location = store_location(path)
         self.read_only: str | None = None  # why writes are refused (a full or read-only disk); None: they are not
         self.metrics: dict[str, tuple[str, str | None]] = {}  # run id -> (sweep id, sweep metric name)
@@ -554,6 +556,13 @@ class Store:
         self.postgres = False
         self.errors: tuple[type[Exception], ...] = (sqlite3.Error,)
         self.path = self.location
+        if not create and not self.path.exists():
+            if any(p.exists() and not p.is_dir() for p in self.path.parents):
+                make_folder(self.path.parent)  # raises: names the file that stands where a folder should
+            raise StoreError(
+                f"no sweep store at {self.path}: no sweep was created there; create one with `lenet sweep create "
+                "FILE`, or point LENET_HOME (or --store / LENET_STORE) at the store you used"
+            )
         make_folder(self.path.parent)
         version = check_file(self.path)  # before anything is written: a foreign or damaged file stays untouched
         self.db = self._connect()

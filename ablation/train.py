@@ -34,9 +34,8 @@ from ablation.data import (
     mix_batch,
     reachable_views,
     split_train_val,
-    take_view,
+    take_views,
     tta_views,
-    view_indices,
     view_params,
 )
 from ablation.errors import CheckpointError, ConfigError, missing_or_wrong
@@ -93,13 +92,14 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.RMSprop(groups, lr=lr)  # coupled L2
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier on the peak lr at optimiser step `step` of `total` (after `warmup` linear steps)."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, drops: tuple[float, ...] = (0.5, 0.75)) -> float:
+    """Multiplier on the peak lr at optimiser step `step` of `total` (after `warmup` linear steps); schedule=step
+    drops it x0.1 at each fraction of `drops` (`RunConfig.step_drops`)."""
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)  # progress through the schedule, 0 -> 1
     if schedule == "step":
-        return 0.1 ** ((t >= 0.5) + (t >= 0.75))  # x0.1 at 50% and again at 75%
+        return 0.1 ** sum(t >= d for d in drops)
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     if schedule == "onecycle":  # linear up to the peak at 25%, then linear down to 0
@@ -107,11 +107,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def predict(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, tta: str = "none") -> torch.Tensor:
+def predict(
+    model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, tta: str = "none", pad: str = "reflect"
+) -> torch.Tensor:
     """Logits of a batch: with test-time augmentation, the weighted mean of its views' logits (`tta_views`);
     logits, not probabilities, are averaged, so the loss reported is the cross-entropy of the averaged logits."""
     out: torch.Tensor | None = None
-    for weight, view in tta_views(x, tta):
+    for weight, view in tta_views(x, tta, pad):
         with _autocast(x.device, dtype):
             logits = model(view)
         logits = logits if tta == "none" else weight * logits.float()
@@ -121,13 +123,16 @@ def predict(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, tta: s
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, dtype: torch.dtype | None, tta: str = "none") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over `batches`, in eval mode (with `tta`: of the averaged logits)."""
+def evaluate(
+    model: nn.Module, batches: Batches, dtype: torch.dtype | None, tta: str = "none", pad: str = "reflect"
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over `batches`, in eval mode (with `tta`: of the averaged logits, its
+    shifted views padded as `pad`)."""
     model.eval()
     loss = torch.zeros((), device=batches.images.device)
     correct = torch.zeros((), device=batches.images.device)
     for x, y in batches:
-        out = predict(model, x, dtype, tta)
+        out = predict(model, x, dtype, tta, pad)
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     n = len(batches.labels)
@@ -202,7 +207,7 @@ def view_table(
             if stop_now is not None and stop_now():
                 return None
             idx = torch.arange(start, min(n, start + EVAL_BATCH), device=device)
-            x = train_b.normalise(take_view(train_b.images, idx, *view_indices(*view_params(view, len(idx), device))))
+            x = train_b.normalise(take_views(train_b.images, idx, *view_params(view, len(idx), device), train_b.fill))
             logits = teacher.logits(x, dtype)
             if table is None:
                 table = torch.empty(n, len(views), logits.shape[1], device=device)
@@ -226,6 +231,7 @@ def cached_view_table(
     stat = path.stat()
     key = f"{stat.st_size}|{stat.st_mtime_ns}|{dataset.name}|{config.split_seed}|{config.val_size}"
     key += f"|{train_b.augment}|{dtype}|{len(train_b.labels)}"
+    key += "" if train_b.fill is None else f"|fill={train_b.fill.view(-1).tolist()}"  # older tables: mirror only
     cache = path.with_name(f"{path.name}.views-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     device = train_b.images.device
     with _file_lock(cache.with_suffix(".lock"), stop_now) as locked:
@@ -334,9 +340,9 @@ class Trainer:
         c = self.config
         self.optimizer = make_optimizer(self.model, c)
         steps = len(self.batches) * c.epochs
-        warmup = round(c.warmup_epochs * len(self.batches))
+        warmup, drops = round(c.warmup_epochs * len(self.batches)), c.step_drops()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, steps, warmup, c.schedule)
+            self.optimizer, lambda s: lr_factor(s, steps, warmup, c.schedule, drops)
         )
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.weights = [p for p in self.model.parameters() if p.ndim > 1]
@@ -461,6 +467,7 @@ def prepare(config: RunConfig, dataset: Dataset, device: torch.device) -> tuple[
             drop_last=train,
             memory_format=memory_format(config),
             gen=gen,
+            fill=mean.round().to(torch.uint8).to(device) if config.pad == "mean" and train else None,
         )
 
     return stream(train_x, train_y, True), stream(val_x, val_y, False), stream(dataset.test_x, dataset.test_y, False)
@@ -525,8 +532,8 @@ def train(
             record.state, cut_short = "stopped", True
             break
         train_loss, train_acc, seen = result
-        val_loss, val_acc = evaluate(net, val_b, dtype, config.tta)
-        _, clean_acc = evaluate(net, clean_b, dtype, config.tta)
+        val_loss, val_acc = evaluate(net, val_b, dtype, config.tta, config.pad)
+        _, clean_acc = evaluate(net, clean_b, dtype, config.tta, config.pad)
         seconds = time.perf_counter() - tick
         metrics = {
             "train/loss": train_loss,
@@ -703,7 +710,7 @@ class Record:
         if self.best_state:
             best = copy.deepcopy(model)  # the model keeps its last weights for last.pt
             best.load_state_dict(self.best_state)
-            test_loss, test_acc = evaluate(best, test, dtype, self.config.tta)
+            test_loss, test_acc = evaluate(best, test, dtype, self.config.tta, self.config.pad)
         else:
             test_loss, test_acc = math.nan, math.nan
         return {
@@ -859,7 +866,7 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
         EVAL_BATCH,
         memory_format=memory_format(config),
     )
-    loss, acc = evaluate(model, test, autocast_dtype(config.precision, device), config.tta)
+    loss, acc = evaluate(model, test, autocast_dtype(config.precision, device), config.tta, config.pad)
     return {
         "test/loss": loss,
         "test/acc": acc,

@@ -30,7 +30,7 @@ def spawn_agent(sweep_id: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def wait_for_running(store: Store, sweep_id: str, min_epochs: int, timeout: float = 60) -> dict:
+def wait_for_running(store: Store, sweep_id: str, min_epochs: int, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         for run in store.runs(sweep_id):
@@ -43,7 +43,7 @@ def wait_for_running(store: Store, sweep_id: str, min_epochs: int, timeout: floa
 @pytest.mark.slow
 def test_two_agents_and_a_kill_9(folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "3")
-    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=20, batch_size=16))
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=10, batch_size=16))
     store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
     victim = spawn_agent(sweep_id)
     killed = wait_for_running(store, sweep_id, min_epochs=2)
@@ -51,14 +51,14 @@ def test_two_agents_and_a_kill_9(folder_dir: Path, tmp_path: Path, monkeypatch: 
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     agents = [spawn_agent(sweep_id), spawn_agent(sweep_id)]  # two concurrent agents finish the sweep
-    outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    outputs = [agent.communicate(timeout=480)[0] for agent in agents]  # ~60 s on 2 idle cores; CI may be busy
     assert all(agent.returncode == 0 for agent in agents), outputs
     runs = store.runs(sweep_id)
     assert len(runs) == 4 and all(r["state"] == "finished" for r in runs)
     assert len({(r["params"]["activation"], r["params"]["seed"]) for r in runs}) == 4  # each grid point once
     resumed = next(r for r in runs if r["id"] == killed["id"])
-    assert resumed["attempts"] == 2 and resumed["summary"]["epochs_run"] == 20
-    assert [h["epoch"] for h in store.history(killed["id"])] == list(range(1, 21))
+    assert resumed["attempts"] == 2 and resumed["summary"]["epochs_run"] == 10
+    assert [h["epoch"] for h in store.history(killed["id"])] == list(range(1, 11))
     assert "resuming" in "".join(outputs)
     status = lenet("sweep", "status", sweep_id)
     assert status.exit_code == 0 and "4 finished" in status.output and "best so far" in status.output

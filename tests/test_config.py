@@ -135,3 +135,29 @@ def test_leave_one_out_presets_restore_classic_settings() -> None:
         }
         assert all(variant[k] == PRESETS["classic"][k] for k in keys)
     assert RunConfig.from_dict({"preset": "modern_plus_dropout"}).dropout > 0
+
+
+def test_the_published_anchor_is_a_preset() -> None:
+    config = RunConfig.from_dict({"preset": "bigballon"})
+    recipe = (config.norm, config.optimizer, config.lr, config.weight_decay, config.epochs)
+    assert recipe == ("none", "nesterov", 0.05, 2e-4, 200)
+    assert (config.schedule, config.pad, config.label_smoothing) == ("step", "mean", 0.0)
+    assert config.step_drops() == (81 / 200, 122 / 200)
+    assert RunConfig(schedule="step").step_drops() == (0.5, 0.75)  # no milestones: 50% and 75% of the epochs
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"milestones": "81,122"}, "apply to schedule=step only"),
+        ({"schedule": "step", "milestones": "122,81"}, "increasing whole epochs"),
+        ({"schedule": "step", "milestones": "10,10"}, "increasing whole epochs"),
+        ({"schedule": "step", "milestones": "0,5"}, "between 1 and"),
+        ({"schedule": "step", "milestones": "30", "epochs": 30}, r"epochs - 1 \(29\)"),
+        ({"schedule": "step", "milestones": "1.5"}, "milestones=81,122"),
+        ({"schedule": "step", "milestones": "ten"}, "milestones=81,122"),
+    ],
+)
+def test_bad_milestones_say_what_is_wrong(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(settings)

@@ -146,6 +146,22 @@ def test_crop_flip_matches_reference() -> None:
         assert any(torch.equal(augmented, ref) for ref in reference_crop_flip(images[source]))
 
 
+def test_crops_padded_with_a_colour_match_reference() -> None:
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    fill = torch.tensor([125, 123, 114], dtype=torch.uint8).view(1, 3, 1, 1)  # a mean colour
+    idx = torch.tensor([3, 1, 7, 7, 0, 2, 2, 5])
+    out = gather_batch(images, idx, "crop_flip", torch.Generator().manual_seed(0), fill)
+    for source, augmented in zip(idx, out):
+        padded = fill[0].expand(3, 40, 40).clone()
+        padded[:, 4:36, 4:36] = images[source]
+        crops = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(augmented, ref) for ref in crops + [c.flip(2) for c in crops])
+    # the same draws without a fill mirror the image instead; only the padding differs
+    mirrored = gather_batch(images, idx, "crop_flip", torch.Generator().manual_seed(0))
+    differs = (mirrored != out).any(1)
+    assert differs.any() and torch.equal(out.permute(0, 2, 3, 1)[differs], fill.view(3).expand(int(differs.sum()), 3))
+
+
 def test_flip_only_and_none() -> None:
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     idx = torch.arange(64)

@@ -49,7 +49,11 @@ CLASSIC_PACK = [  # no batch norm (biases), average pooling, scaled tanh, no aug
     {"preset": "classic", "lr": 0.02, "seed": 0},
     {"preset": "classic", "lr": 0.05, "seed": 1, "optimizer": "momentum", "momentum": 0.9, "warmup_epochs": 0.5},
 ]
-PACKS = {"sgd": SGD_PACK, "adam": ADAM_PACK, "rmsprop": RMSPROP_PACK, "classic": CLASSIC_PACK}
+ANCHOR_PACK = [  # the published recipe: crops padded with the mean colour, the step schedule at set epochs
+    {"preset": "bigballon", "milestones": "1", "seed": 0},
+    {"preset": "bigballon", "milestones": "", "lr": 0.1, "seed": 1},
+]
+PACKS = {"sgd": SGD_PACK, "adam": ADAM_PACK, "rmsprop": RMSPROP_PACK, "classic": CLASSIC_PACK, "anchor": ANCHOR_PACK}
 
 
 def configs(pack: list[dict], data_dir: Path | None = None, **common: object) -> list[RunConfig]:
@@ -74,7 +78,7 @@ def reference_step(model: nn.Module, optimizer, scheduler, config: RunConfig, x,
 def schedule(config: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The lr multiplier Trainer gives LambdaLR."""
     total, warmup = steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)
-    return lambda step: lr_factor(step, total, warmup, config.schedule)
+    return lambda step: lr_factor(step, total, warmup, config.schedule, config.step_drops())
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -165,6 +169,11 @@ def packed(pack: list[RunConfig], folder: Path, **kwargs: object) -> tuple[list[
     return train_pack(pack, loggers, dirs, **kwargs), loggers
 
 
+# Without batch norm, ReLU + max-pool after 20 steps at lr 0.05-0.1 turn float32 rounding into a few changed
+# max-pool choices (measured: 1.1e-3 relative on one bias); the float64 tests above show the updates are the same.
+FLOAT32_RTOL = {"anchor": 1e-2}
+
+
 @pytest.mark.parametrize("name", PACKS)
 def test_twenty_steps_in_float32_match_train(name: str, tiny_data: Path, tmp_path: Path) -> None:
     pack = configs(PACKS[name], tiny_data, epochs=5)  # 140 training images / batch 32 = 4 steps an epoch
@@ -175,7 +184,9 @@ def test_twenty_steps_in_float32_match_train(name: str, tiny_data: Path, tmp_pat
         reference = load_checkpoint(tmp_path / f"alone{i}" / "last.pt")["model"]
         for key, value in reference.items():  # float32 rounding differs (other kernels), so compare tensors as a whole
             if value.is_floating_point():
-                assert float((fused[key] - value).norm() / value.norm()) < 1e-4, f"{name}[{i}] {key}"
+                assert float((fused[key] - value).norm() / value.norm()) < FLOAT32_RTOL.get(name, 1e-4), (
+                    f"{name}[{i}] {key}"
+                )
         assert summaries[i]["epochs_run"] == alone["epochs_run"] == 5
 
 
@@ -307,10 +318,13 @@ def test_a_pack_cut_short_resumes_exactly_as_one_pack(tiny_data: Path, tmp_path:
     for i in range(len(pack)):
         assert [row["epoch"] for row in resumed_logs[i].history] == [3, 4]
         assert timeless(resumed_logs[i].history) == timeless(whole_logs[i].history[2:])  # bit for bit, dropout too
-        assert max_difference(
-            load_checkpoint(tmp_path / "cut" / str(i) / "last.pt")["model"],
-            load_checkpoint(tmp_path / "whole" / str(i) / "last.pt")["model"],
-        ) == 0.0
+        assert (
+            max_difference(
+                load_checkpoint(tmp_path / "cut" / str(i) / "last.pt")["model"],
+                load_checkpoint(tmp_path / "whole" / str(i) / "last.pt")["model"],
+            )
+            == 0.0
+        )
         assert resumed[i]["test/acc"] == whole[i]["test/acc"]
 
 

@@ -18,9 +18,13 @@ from conftest import lenet, output_lines
 from test_agent import wait_for_running
 from test_sweep import HYPERBANDS, ROOT, claim_all, grid, write_smoke
 
+from ablation.agent import WorkerSpec, pack_of, run_config
 from ablation.errors import StoreError, SweepError
+from ablation.fused import pack_key
 from ablation.store import SCHEMA_VERSION, WAIT, Claim, Store, runs_home, schema_tables, store_location
 from ablation.sweep import sweep_run, to_stop
+from ablation.tracking import MemoryLogger
+from ablation.train import load_checkpoint, train
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -336,3 +340,30 @@ def test_a_run_killed_on_one_host_is_trained_on_the_other(
     tested = lenet("test", killed["id"], "--device", "cpu", env={"LENET_HOME": str(tmp_path / "host-c")})
     assert tested.exit_code == 0, tested.output
     assert f"test accuracy {again['summary']['test/acc']:.2f}%" in tested.output
+
+
+def test_a_resumed_pack_member_starts_from_the_stores_newer_checkpoint(
+    folder_dir: Path, tmp_path: Path, postgres_db: str
+) -> None:
+    store = Store(postgres_db)
+    sweep = grid(data="folder", data_dir=str(folder_dir), val_size=20, batch_size=32, device="cpu", epochs=3, seed=0)
+    sweep_id = store.create_sweep(sweep, seed=0)
+    claim = store.claim(sweep_id, "host-b")
+    assert isinstance(claim, Claim)
+    spec = WorkerSpec((sweep_id,), "w", postgres_db, fuse=4, home=tmp_path / "host-a")
+    config = run_config(claim.config, spec)
+    # Host b trains epochs 1 and 2 and keeps its last.pt in the store; host a holds the copy of epoch 1 only.
+    elsewhere = tmp_path / "host-b" / "runs" / claim.run_id
+    for epochs_done in (1, 2):
+        train(config, MemoryLogger(), elsewhere, resume=True, should_stop=lambda n=epochs_done: True)
+        if epochs_done == 1:
+            local = spec.home / "runs" / claim.run_id
+            local.mkdir(parents=True)
+            (local / "last.pt").write_bytes((elsewhere / "last.pt").read_bytes())
+    store.put_checkpoint(claim.run_id, "last.pt", 2, (elsewhere / "last.pt").read_bytes())
+    store.requeue(claim.run_id, "host b stopped")
+    again = store.claim(sweep_id, "host-a")
+    assert isinstance(again, Claim) and again.attempt == 2
+    # The pack it may join is the one of runs that ended epoch 2: the newer copy replaced host a's local one.
+    assert pack_of(again, spec, store) == (pack_key(config), 2)
+    assert load_checkpoint(spec.home / "runs" / claim.run_id / "last.pt")["epoch"] == 2

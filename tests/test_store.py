@@ -186,6 +186,16 @@ def test_a_file_that_is_not_a_usable_store_is_named_and_left_untouched(case: str
     assert sha256(path) == before and sorted(os.listdir(home())) == ["lenet.db"]  # no -wal/-shm, no change
 
 
+def test_commands_that_read_sweeps_never_create_a_store() -> None:
+    for command in (("sweep", "ls"), ("sweep", "status", "abc"), ("sweep", "stop", "abc"), ("report", "abc")):
+        result = lenet(*command)
+        assert result.exit_code == 1 and f"no sweep store at {home() / 'lenet.db'}" in result.output, result.output
+        assert "lenet sweep create FILE" in result.output  # the fix
+    result = lenet("test", "abc123-000")  # a run id: its best.pt is looked up, no store is opened
+    assert result.exit_code == 1 and "abc123-000 is neither a checkpoint file nor a run" in result.output
+    assert not home().exists()
+
+
 def test_lenet_home_a_file_and_a_store_path_that_is_a_folder() -> None:
     home().parent.mkdir(parents=True, exist_ok=True)
     home().write_text("not a folder")
@@ -318,4 +328,3 @@ def test_schema_tables_follow_the_migrations() -> None:
     assert schema_tables(0) == {}
     assert set(schema_tables(1)) == {"sweeps", "runs", "history"}
     assert schema_tables(SCHEMA_VERSION)["runs"][-1] == "config"
-

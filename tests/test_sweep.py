@@ -253,7 +253,7 @@ def test_hyperband_from_indexed_rungs_decides_as_the_sweeps_engine(
 def test_a_grid_is_claimed_in_the_order_the_engine_hands_it_out_one_by_one(tmp_path: Path) -> None:
     config = grid(activation=["relu", "tanh", "gelu"], seed=[0, 1], lr=[0.1, 0.01])
     one_by_one: list[dict] = []
-    while (params := suggest(config, [sweep_run(str(i), "finished", p, [], {}) for i, p in enumerate(one_by_one)], 0)):
+    while params := suggest(config, [sweep_run(str(i), "finished", p, [], {}) for i, p in enumerate(one_by_one)], 0):
         one_by_one.append(params)
     store = Store(tmp_path / "lenet.db")
     sweep_id = store.create_sweep(config, seed=0)

@@ -130,6 +130,15 @@ def test_tta_views_average_to_one_weight() -> None:
         assert all(v.shape == x.shape for _, v in views)
 
 
+def test_tta_shifts_are_padded_as_the_training_crop() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    mirrored, filled = tta_views(x, "flip_crop")[2][1], tta_views(x, "flip_crop", "mean")[2][1]  # shifted 1 px
+    for view in (mirrored, filled):
+        assert torch.equal(view[:, :, 1:, 1:], x[:, :, :31, :31])
+    assert torch.equal(mirrored[:, :, 0, 1:], x[:, :, 1, :31])  # reflect: the row below the edge
+    assert not filled[:, :, 0].any() and not filled[:, :, :, 0].any()  # mean: 0, the mean colour after normalising
+
+
 # --- TTA and EMA change evaluation only, as documented ------------------------------------------------------
 
 

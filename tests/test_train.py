@@ -124,6 +124,15 @@ def test_schedules() -> None:
     assert lr_factor(4, total, 10, "constant") == 0.5  # warm-up is linear
 
 
+def test_step_milestones_drop_the_lr_after_those_epochs() -> None:
+    drops = RunConfig.from_dict({"preset": "bigballon"}).step_drops()  # after epochs 81 and 122 of 200
+    steps_per_epoch = 351  # 45,000 images / batch 128, last batch dropped
+    total = 200 * steps_per_epoch
+    epoch_ends = [e * steps_per_epoch + s for e in (80, 81, 121, 122) for s in (0, 350)]  # first and last steps
+    factors = [lr_factor(step, total, 0, "step", drops) for step in epoch_ends]
+    assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
+
+
 def test_weight_decay_skips_biases_and_norms() -> None:
     config = RunConfig.from_dict({"norm": "batch", "weight_decay": 0.1})
     groups = make_optimizer(build_model(config), config).param_groups
