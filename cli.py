@@ -357,9 +357,13 @@ def _create_wandb_sweep(config: dict[str, Any], project: str, entity: str | None
 @sweep_app.command("ls")
 def sweep_ls() -> None:
     """List the sweeps in the local store (W&B sweeps created here included)."""
-    from ablation.store import Store
+    from ablation.store import Store, store_location
 
-    store = Store(create=False)
+    location = store_location()
+    if isinstance(location, Path) and not location.exists():  # a new home: nothing to list, nothing to create
+        say(f"no sweeps yet: no store at {location}; create one with `lenet sweep create FILE`")
+        return
+    store = Store(location)
     table = Table("id", "name", "backend", "method", "state", "runs (done/all)", "created")
     for sweep in store.sweeps():
         runs = store.runs(sweep["id"])
@@ -584,7 +588,7 @@ def agent(
     from ablation.store import Store
     from ablation.tracking import wandb_mode
 
-    store = Store()
+    store = Store(create=backend == Backend.wandb)  # a W&B sweep made elsewhere gets its runs recorded here
     sweep_ids = list(dict.fromkeys(sweep_ids))  # each sweep once, first mention sets its priority
     sweeps = [store.sweep(i) if backend != Backend.wandb else None for i in sweep_ids]
     if any(s is None or s["backend"] == "wandb" for s in sweeps):
@@ -748,8 +752,8 @@ def sweep_extend(
         fail("say how far to extend: --until-resolved (add seeds until the comparisons resolve; the one mode)")
     check_verdict_args(0.05, equivalence)
     first = sources[0]
-    store = Store()
     local = not (Path(first).exists() or first.endswith(".json") or first.count("/") == 2)
+    store = Store(create=not local)
     if local and store.sweep(first)["backend"] == "local":
         if len(sources) > 1:
             fail(f"sweep {first} is local: give it alone (follow-up sweeps are for W&B sweeps and bundles)")

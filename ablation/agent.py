@@ -276,7 +276,9 @@ def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | 
 
 def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hashable:
     """Which pack a claimed run may join: runs that agree on `pack_key` and ended the same epoch (0: fresh). A
-    resumed run's newer checkpoints in a PostgreSQL `store` are fetched first (it trained on another host since)."""
+    resumed run's epoch is its newest last.pt's, here or in a PostgreSQL `store` (it may have trained on another
+    host since: `train_pack_claims` fetches that copy)."""
+    # Called inside claim_many's transaction, which holds the store's write lock: read epochs, not checkpoints.
     if claim.config is None:
         return ("alone", claim.run_id)  # its parameters are invalid: it fails alone, saying why
     config = run_config(claim.config, spec)
@@ -285,12 +287,11 @@ def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hasha
     if claim.attempt == 1:
         return pack_key(config), 0
     last = home_of(spec) / "runs" / claim.run_id / "last.pt"
-    if store is not None and store.postgres:
-        fetch_checkpoints(store, claim.run_id, last.parent)
-    if not last.exists():  # it trained on another host (its checkpoints come from the store) or not at all
+    stored = store.checkpoint_epoch(claim.run_id, "last.pt") if store is not None and store.postgres else None
+    if not last.exists() and stored is None:  # never trained, or on another host without a store copy
         return ("alone", claim.run_id)
     checkpoint = resumable(last, config)
-    return pack_key(config), checkpoint["epoch"] if checkpoint else 0
+    return pack_key(config), max(checkpoint["epoch"] if checkpoint else 0, stored or 0)
 
 
 def work(spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> int:
@@ -342,6 +343,9 @@ def train_pack_claims(
         configs = [run_config(c.config or c.params, spec) for c in claims]
         runs = [claim_wandb(store, c, spec, config) for c, config in zip(claims, configs)]
         dirs = [home_of(spec) / "runs" / run_id for run_id in ids]
+        for claim, folder in zip(claims, dirs):
+            if claim.attempt > 1 and store.postgres:  # the newer copy `pack_of` counted on
+                fetch_checkpoints(store, claim.run_id, folder)
         loggers = [run_loggers(store, run_id, folder, r) for run_id, folder, r in zip(ids, dirs, runs)]
         with Heartbeat(spec.store_path, *ids), stop.deferred():  # a signal ends training at the next batch
             train_pack(

@@ -172,9 +172,11 @@ class RunConfig:
         except ValueError:
             epochs = []
         if not epochs or epochs != sorted(set(epochs)) or not 0 < epochs[0] <= epochs[-1] < self.epochs:
+            example = ",".join(str(e) for e in sorted({max(1, self.epochs // 2), max(1, self.epochs * 3 // 4)}))
             raise ConfigError(
-                f"milestones={self.milestones!r} is not valid; give increasing whole epochs between 1 and "
-                f"epochs - 1 ({self.epochs - 1}) separated by commas, e.g. milestones=81,122"
+                f"milestones={self.milestones!r} is not valid with epochs={self.epochs}; give increasing whole epochs "
+                f"between 1 and {self.epochs - 1} separated by commas (e.g. milestones={example}), or milestones='' "
+                "for drops after 50% and 75% of the epochs"
             )
         return tuple(m / self.epochs for m in epochs)
 
@@ -253,7 +255,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # images): He-normal init (Keras's is truncated at 2 std; ours is not), no batch norm, SGD Nesterov 0.9, lr 0.05 ->
 # 0.005 after epoch 81 -> 0.0005 after 122 of 200, batch 128, Keras L2 1e-4 on every kernel (= weight decay 2e-4 in
 # PyTorch's convention), flip + up to 4 px shifts filled with the mean colour (Keras fill 0 after per-channel
-# standardisation; Keras shifts by real-valued amounts, ours by whole pixels), no label smoothing.
+# standardisation; Keras shifts by real-valued amounts, ours by whole pixels), no label smoothing. The original trains
+# on all 50,000 training images and reports the test accuracy it watched while training; lenet trains on 45,000 and
+# tests the best-validation epoch once.
 PRESETS["bigballon"] = {
     **PRESETS["modern"],
     "norm": "none",
@@ -344,6 +348,10 @@ def _unknown_message(unknown: list[Any]) -> str:
     return f"unknown run setting {', '.join(hints)}; valid settings: {', '.join(FIELD_TYPES)} (see `lenet params`)"
 
 
+# Examples for error messages where a setting's default ("") shows nothing.
+EXAMPLES = {"milestones": "81,122", "teacher": "teachers/resnet20/best.pt", "data_dir": "data/cifar10-jpg.tar.gz"}
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert strings from the command line and numpy scalars from sweeps to the field's type."""
     kind = FIELD_TYPES[key]
@@ -359,7 +367,7 @@ def _coerce(key: str, value: Any) -> Any:
             return int(number)
         return float(value)
     except (TypeError, ValueError):
-        example = RunConfig.__dataclass_fields__[key].default
+        example = EXAMPLES.get(key, RunConfig.__dataclass_fields__[key].default)
         wanted = {str: "a single value", int: "a whole number", float: "a number"}[kind]
         raise ConfigError(
             f"{key}={value!r} is not a valid {kind.__name__}; give {wanted}, e.g. {key}={example}"

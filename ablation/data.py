@@ -587,8 +587,8 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 def tta_views(x: torch.Tensor, mode: str, pad: str = "reflect") -> list[tuple[float, torch.Tensor]]:
     """(weight, view) pairs whose weighted logits `evaluate` sums. flip: the image and its mirror, 1/2 each;
     flip_crop (airbench94's mirror + translate): that pair at 1/2, and the pair shifted by 1 px up-left and
-    down-right (padded as the training crop: mirrored, or pad=mean: 0, the mean colour of normalised images) at
-    1/4 each."""
+    down-right (padded as the training crop: mirrored, or pad=mean: 0, the exact mean colour of normalised images,
+    which training crops round to whole uint8 levels: < 0.01 std apart) at 1/4 each."""
     if mode == "none":
         return [(1.0, x)]
     if mode == "flip":

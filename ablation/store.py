@@ -1020,6 +1020,11 @@ class Store:
         rows = self._rows("SELECT epoch, data FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
+    def checkpoint_epoch(self, run_id: str, name: str) -> int | None:
+        """The epoch of the stored copy of a run's checkpoint file `name` (its bytes left unread), or None."""
+        rows = self._rows("SELECT epoch FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
+        return rows[0][0] if rows else None
+
     def retry_failed(self, sweep_id: str) -> int:
         """Requeue the sweep's failed and diverged runs; returns how many."""
         self.sweep(sweep_id)

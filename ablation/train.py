@@ -94,7 +94,7 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, drops: tuple[float, ...] = (0.5, 0.75)) -> float:
     """Multiplier on the peak lr at optimiser step `step` of `total` (after `warmup` linear steps); schedule=step
-    drops it x0.1 at each fraction of `drops` (`RunConfig.step_drops`)."""
+    drops it x0.1 at each fraction of `drops` (`RunConfig.step_drops`) of the steps after the warm-up."""
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)  # progress through the schedule, 0 -> 1

@@ -153,9 +153,11 @@ def test_the_published_anchor_is_a_preset() -> None:
         ({"schedule": "step", "milestones": "122,81"}, "increasing whole epochs"),
         ({"schedule": "step", "milestones": "10,10"}, "increasing whole epochs"),
         ({"schedule": "step", "milestones": "0,5"}, "between 1 and"),
-        ({"schedule": "step", "milestones": "30", "epochs": 30}, r"epochs - 1 \(29\)"),
-        ({"schedule": "step", "milestones": "1.5"}, "milestones=81,122"),
-        ({"schedule": "step", "milestones": "ten"}, "milestones=81,122"),
+        ({"schedule": "step", "milestones": "30", "epochs": 30}, "between 1 and 29"),
+        ({"schedule": "step", "milestones": "1.5"}, "e.g. milestones=15,22"),
+        ({"schedule": "step", "milestones": "ten"}, "or milestones='' for drops after 50% and 75%"),
+        ({"preset": "bigballon", "epochs": 50}, r"'81,122' is not valid with epochs=50; .*\(e\.g\. milestones=25,37\)"),
+        ({"schedule": "step", "milestones": [81, 122]}, "give a single value, e.g. milestones=81,122"),
     ],
 )
 def test_bad_milestones_say_what_is_wrong(settings: dict, message: str) -> None:

@@ -261,6 +261,8 @@ def test_pack_key_separates_what_must_agree() -> None:
         check_pack([nesterov, adamw])
     with pytest.raises(ConfigError, match="activation='relu' and activation='tanh'"):
         check_pack([nesterov, RunConfig(activation="tanh")])
+    with pytest.raises(ConfigError, match="pad='reflect' and pad='mean'"):  # one batch stream serves the pack
+        check_pack([nesterov, RunConfig(pad="mean")])
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop"])

@@ -18,7 +18,7 @@ from conftest import lenet, output_lines
 from test_agent import wait_for_running
 from test_sweep import HYPERBANDS, ROOT, claim_all, grid, write_smoke
 
-from ablation.agent import WorkerSpec, pack_of, run_config
+from ablation.agent import WorkerSpec, pack_of, run_config, train_pack_claims
 from ablation.errors import StoreError, SweepError
 from ablation.fused import pack_key
 from ablation.store import SCHEMA_VERSION, WAIT, Claim, Store, runs_home, schema_tables, store_location
@@ -364,6 +364,12 @@ def test_a_resumed_pack_member_starts_from_the_stores_newer_checkpoint(
     store.requeue(claim.run_id, "host b stopped")
     again = store.claim(sweep_id, "host-a")
     assert isinstance(again, Claim) and again.attempt == 2
-    # The pack it may join is the one of runs that ended epoch 2: the newer copy replaced host a's local one.
+    # The pack it may join is the one of runs that ended epoch 2, the store's newer copy ...
     assert pack_of(again, spec, store) == (pack_key(config), 2)
-    assert load_checkpoint(spec.home / "runs" / claim.run_id / "last.pt")["epoch"] == 2
+    local = spec.home / "runs" / claim.run_id / "last.pt"
+    assert load_checkpoint(local)["epoch"] == 1  # (read under the claim's lock: the epoch only, not the file)
+    # ... and the pack trains from it: epoch 3 only, as one pack with no other member.
+    train_pack_claims(store, [again], spec, lambda kind, details: None)
+    history = [row["epoch"] for row in store.history(claim.run_id)]
+    assert history == [3] and store.runs(sweep_id)[0]["state"] == "finished"
+    assert load_checkpoint(local)["epoch"] == 3

@@ -187,10 +187,13 @@ def test_a_file_that_is_not_a_usable_store_is_named_and_left_untouched(case: str
 
 
 def test_commands_that_read_sweeps_never_create_a_store() -> None:
-    for command in (("sweep", "ls"), ("sweep", "status", "abc"), ("sweep", "stop", "abc"), ("report", "abc")):
+    commands = [("sweep", "status", "abc"), ("sweep", "stop", "abc"), ("report", "abc"), ("agent", "abc")]
+    for command in [*commands, ("sweep", "extend", "abc", "--until-resolved")]:
         result = lenet(*command)
         assert result.exit_code == 1 and f"no sweep store at {home() / 'lenet.db'}" in result.output, result.output
         assert "lenet sweep create FILE" in result.output  # the fix
+    listed = lenet("sweep", "ls")  # nothing to list is not an error
+    assert listed.exit_code == 0 and "no sweeps yet" in listed.output and "lenet sweep create FILE" in listed.output
     result = lenet("test", "abc123-000")  # a run id: its best.pt is looked up, no store is opened
     assert result.exit_code == 1 and "abc123-000 is neither a checkpoint file nor a run" in result.output
     assert not home().exists()
@@ -199,8 +202,9 @@ def test_commands_that_read_sweeps_never_create_a_store() -> None:
 def test_lenet_home_a_file_and_a_store_path_that_is_a_folder() -> None:
     home().parent.mkdir(parents=True, exist_ok=True)
     home().write_text("not a folder")
-    result = lenet("sweep", "ls")
-    assert result.exit_code == 1 and "is a file, not a folder for the sweep store" in result.output
+    for command in (("sweep", "status", "abc"), ("sweep", "create", ROOT / "sweeps" / "smoke.yaml")):
+        result = lenet(*command)
+        assert result.exit_code == 1 and "is a file, not a folder for the sweep store" in result.output
     home().unlink()
     (home() / "lenet.db").mkdir(parents=True)
     result = lenet("sweep", "ls")

@@ -166,6 +166,14 @@ def test_tta_leaves_training_alone_and_evaluates_val_and_test(batches_dir: Path,
     assert result["test/acc"] == flipped["test/acc"] and result["test/loss"] == pytest.approx(flipped["test/loss"])
 
 
+def test_a_checkpoint_evaluates_with_its_own_tta_padding(batches_dir: Path, tmp_path: Path) -> None:
+    summary, _ = run(batches_dir, tmp_path, epochs=1, tta="flip_crop", pad="mean")
+    result = evaluate_checkpoint(tmp_path / "best.pt", {"device": "cpu"})  # shifted views padded with the mean
+    assert result["test/acc"] == summary["test/acc"] and result["test/loss"] == pytest.approx(summary["test/loss"])
+    mirrored = evaluate_checkpoint(tmp_path / "best.pt", {"device": "cpu", "pad": "reflect"})
+    assert mirrored["test/loss"] != pytest.approx(summary["test/loss"], rel=1e-9)
+
+
 def test_weight_ema_averages_parameters_and_batch_norm_statistics() -> None:
     torch.manual_seed(0)
     model = build_model(RunConfig())
@@ -323,8 +331,9 @@ def test_distillation_loss_is_the_scaled_kl_on_the_students_batch(batches_dir: P
     assert torch.allclose(trainer.distill_loss(x, student), by_hand, atol=1e-5)
 
 
-def test_teacher_logits_are_looked_up_for_the_exact_augmented_views(batches_dir: Path, teacher: Path) -> None:
-    config = config_for(batches_dir, teacher=str(teacher))
+@pytest.mark.parametrize("pad", ["reflect", "mean"])
+def test_teacher_logits_are_looked_up_for_the_exact_augmented_views(batches_dir: Path, teacher: Path, pad: str) -> None:
+    config = config_for(batches_dir, teacher=str(teacher), pad=pad)
     dataset = load_dataset(config)
     train_b, _, _ = prepare(config, dataset, torch.device("cpu"))
     loaded = load_teacher(config, dataset, train_b, torch.device("cpu"))
@@ -339,7 +348,7 @@ def test_teacher_logits_are_looked_up_for_the_exact_augmented_views(batches_dir:
     assert again is not None
     cached_view_table(config, dataset, again, train_b, None)
     assert torch.equal(again.table, loaded.table) and cache.stat().st_mtime_ns == written  # read, not recomputed
-    values = {"epochs": 2, "teacher": str(teacher), "teacher_logits": "precomputed"}
+    values = {"epochs": 2, "teacher": str(teacher), "teacher_logits": "precomputed", "pad": pad}
     tabled = numbers(*run(batches_dir, **values))
     assert tabled == numbers(*run(batches_dir, **values))
     online = numbers(*run(batches_dir, **{**values, "teacher_logits": "online"}))
