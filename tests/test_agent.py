@@ -177,6 +177,9 @@ def test_bad_sweep_files_create_nothing(case: str, tmp_path: Path) -> None:
 
 
 def test_unknown_sweep_id_and_corrupt_store(tmp_path: Path) -> None:
+    result = lenet("agent", "nosuchid")  # no store yet: none is created
+    assert result.exit_code == 1 and "no sweep store at" in result.output
+    Store().close()  # an empty store
     result = lenet("agent", "nosuchid")
     assert result.exit_code == 1 and "unknown sweep id 'nosuchid'" in result.output
     assert lenet("sweep", "status", "nosuchid").exit_code == 1
