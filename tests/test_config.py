@@ -163,3 +163,9 @@ def test_the_published_anchor_is_a_preset() -> None:
 def test_bad_milestones_say_what_is_wrong(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict(settings)
+
+
+def test_best_is_modern_plus_what_helped_on_validation() -> None:
+    best, modern = RunConfig.from_dict({"preset": "best"}), RunConfig()
+    changed = {k: v for k, v in best.to_dict().items() if v != modern.to_dict()[k]}
+    assert changed == {"tta": "flip_crop", "ema": 0.999, "epochs": 50, "preset": "best"}
