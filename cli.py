@@ -853,9 +853,18 @@ def report(
             "e.g. a search winner's confirmation against the control recipe.",
         ),
     ] = False,
+    control: Annotated[
+        str | None,
+        typer.Option(
+            "--control",
+            metavar="NAME=VALUE",
+            help="With --compare: the baseline is this level of the first sweep's factor, e.g. preset=modern "
+            "of the techniques study against a recipe trained on the same seeds.",
+        ),
+    ] = None,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
-    from ablation.errors import SweepError, TrackingError
+    from ablation.errors import ConfigError, SweepError, TrackingError
     from ablation.paths import writable_dir
     from ablation.tracking import wandb_logged_in
     from analysis.report import wandb_report, write_report
@@ -863,15 +872,18 @@ def report(
     from analysis.tables import effects, factors, format_effects, seed_table, sweep_comparison
 
     check_verdict_args(0.05, equivalence)  # a bad --equivalence is a usage error before any work
+    if control is not None and not compare:
+        raise ConfigError("--control picks the baseline of --compare; add --compare or drop --control")
     if wandb and not wandb_logged_in():  # before any work: saving the report is what --wandb asks for
         raise TrackingError("--wandb saves a W&B report and needs a W&B login: run `wandb login`, or drop --wandb")
     results = load_results(sources)
     if results.runs.empty:
         raise SweepError(f"no runs in {', '.join(sources)}; run `lenet agent` first")
-    comparison = sweep_comparison(results, list(results.sweeps), equivalence) if compare else None
+    comparison = sweep_comparison(results, list(results.sweeps), equivalence, control=control) if compare else None
     writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
     if comparison is not None:
-        _print_table(f"comparison of the sweeps (Δ vs {next(iter(results.sweeps.values()))['name']})", comparison)
+        first = next(iter(results.sweeps.values()))["name"] + (f", {control}" if control else "")
+        _print_table(f"comparison of the sweeps (Δ vs {first})", comparison)
     for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
         table = seed_table(results, sweep_id)
         _print_table(
@@ -897,7 +909,8 @@ def report(
             )
     band = f" --equivalence {equivalence:g}" if equivalence != 0.5 else ""  # report.md's command re-creates it
     command = "lenet report " + " ".join(sources) + f" --out {out}{band}" + (" --compare" if compare else "")
-    path = write_report(results, out, sources, command, equivalence, compare)
+    command += f" --control {control}" if control is not None else ""
+    path = write_report(results, out, sources, command, equivalence, compare, control)
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
         built = _save_wandb_report(wandb_report(results, entity or None, project, equivalence))

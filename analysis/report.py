@@ -137,12 +137,14 @@ def write_report(
     command: str,
     equivalence: float = EQUIVALENCE,
     compare: bool = False,
+    control: str | None = None,
 ) -> Path:
     """report.md (+ CSV and PNG files) for every sweep in `results`; an unwritable `out` is one OutputError.
     `equivalence`: the band δ (accuracy points) inside which a difference is too small to matter; `compare`: the
-    sweeps (one recipe each) are also compared as one table, each against the first (tables.sweep_comparison)."""
+    sweeps (one recipe each) are also compared as one table, each against the first (tables.sweep_comparison),
+    `control` ("name=value") narrowing the first to one level of its factor."""
     fix = "pass --out a writable folder"
-    comparison = sweep_comparison(results, list(results.sweeps), equivalence) if compare else None
+    comparison = sweep_comparison(results, list(results.sweeps), equivalence, control=control) if compare else None
     writable_dir(out, "report folder", fix)
     datasets = sorted({str(d) for d in results.runs.get("dataset", pd.Series(dtype=str)).dropna()})
     note = f"Dataset: {', '.join(datasets) or 'not recorded'}" + (
@@ -155,7 +157,7 @@ def write_report(
     if comparison is not None or any(factors(meta["config"]) for meta in results.sweeps.values()):
         lines += verdict_legend(equivalence)
     if comparison is not None:
-        lines += comparison_section(results, comparison)
+        lines += comparison_section(results, comparison, control)
     if comparison is not None:
         write_csv(comparison, out / "comparison.csv", fix)
     for sweep_id in results.sweeps:
@@ -165,9 +167,9 @@ def write_report(
     return report
 
 
-def comparison_section(results: Results, comparison: pd.DataFrame) -> list[str]:
+def comparison_section(results: Results, comparison: pd.DataFrame, control: str | None = None) -> list[str]:
     """Markdown for `--compare`: the sweeps against the first one, in one table (one family)."""
-    first = results.sweeps[next(iter(results.sweeps))]["name"]
+    first = results.sweeps[next(iter(results.sweeps))]["name"] + (f", {control}" if control else "")
     return [
         f"## Comparison of the sweeps (baseline: {first})",
         "",

@@ -324,16 +324,43 @@ def step_gains(
     )
 
 
+def control_arm(results: Results, runs: pd.DataFrame, sweep_id: str, control: str) -> pd.DataFrame:
+    """`runs` with the sweep `sweep_id` narrowed to one level of its factor, `control` = "name=value" (e.g. the
+    modern level of the techniques study as the control of a recipe trained on the same seeds)."""
+    config, title = results.sweeps[sweep_id]["config"], results.sweeps[sweep_id]["name"]
+    name, sep, raw = control.partition("=")
+    if not sep or not name or not raw:
+        raise ConfigError(f"--control takes NAME=VALUE (a level of the first sweep's factor), not {control!r}")
+    if factors(config) != [name]:
+        varies = ", ".join(factors(config)) or "nothing but the seed"
+        raise ConfigError(
+            f"--control {control}: {title} ({sweep_id}) varies {varies}; --control picks a level of a sweep with "
+            f"one factor (drop --control for a one-recipe sweep)"
+        )
+    value, own = _coerce(name, raw), runs["sweep_id"] == sweep_id
+    if not (own & (runs[name] == value)).any():
+        shown = ", ".join(str(v) for v in levels(config, name, runs[own]))
+        raise ConfigError(f"--control {control}: no counted runs at that level of {title}; its levels: {shown}")
+    return runs[~own | (runs[name] == value)]
+
+
 def sweep_comparison(
-    results: Results, sweep_ids: list[str], equivalence: float = EQUIVALENCE, alpha: float = ALPHA
+    results: Results,
+    sweep_ids: list[str],
+    equivalence: float = EQUIVALENCE,
+    alpha: float = ALPHA,
+    control: str | None = None,
 ) -> pd.DataFrame:
     """One-recipe sweeps as one table (one family): each sweep minus the first, the baseline (e.g. a search winner's
-    confirmation against the control recipe at the same schedule), fitted with the seed as a block, with verdicts."""
+    confirmation against the control recipe at the same schedule), fitted with the seed as a block, with verdicts.
+    `control` ("name=value"): the baseline is that level of the first sweep, a grid over one factor."""
     check(alpha, equivalence)
     if len(sweep_ids) < 2:
         raise ConfigError(f"--compare needs two or more sweeps, not {len(sweep_ids)}; give e.g. the control first")
     runs = counted(results.runs[results.runs["sweep_id"].isin(sweep_ids)])
-    for sweep_id in sweep_ids:
+    if control is not None:
+        runs = control_arm(results, runs, sweep_ids[0], control)
+    for sweep_id in sweep_ids[1:] if control is not None else sweep_ids:
         config = results.sweeps[sweep_id]["config"]
         if config.get("method") != "grid" or factors(config):
             raise ConfigError(
@@ -350,8 +377,9 @@ def sweep_comparison(
     for i, sweep_id in enumerate(sweep_ids):
         ok = runs[runs["sweep_id"] == sweep_id]
         val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST])
+        arm = f" {control}" if control is not None and i == 0 else ""
         row = {
-            "sweep": f"{results.sweeps[sweep_id]['name']} ({sweep_id})",
+            "sweep": f"{results.sweeps[sweep_id]['name']} ({sweep_id}){arm}",
             "# Epochs": "/".join(str(int(e)) for e in epochs[results.sweeps[sweep_id]["name"]]),
             "n": val[2],
             "val acc % (95% CI)": signed(val[0], val[3]).lstrip("+"),

@@ -303,6 +303,29 @@ def test_compare_refuses_sweeps_that_are_not_like_for_like(tmp_path: Path) -> No
         assert len(output_lines(result)) == 1
 
 
+def test_compare_takes_one_level_of_a_grid_as_the_control(tmp_path: Path) -> None:
+    results = ROOT / "docs" / "results"
+    sources = (results / "techniques" / "techniques.json", results / "best" / "best.json")
+    result = lenet("report", *sources, "--compare", "--control", "preset=modern", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert "--compare --control preset=modern`" in text.split("\n")[4]
+    section = text.split("## Comparison of the sweeps (baseline: techniques, preset=modern)")[1].split("\n## ")[0]
+    # the numbers docs/results/README.md quotes for the best preset: paired by seed against modern's 3 runs
+    assert "| techniques (dbe128d2) preset=modern | 50 | 3 | 73.42 ± 1.63 | 73.90 ± 1.40 |" in section
+    row = next(line for line in section.splitlines() if line.startswith("| best"))
+    assert "| +2.39 ± 0.50 | better |  | +1.91 ± 0.10 | better |" in row
+    for args, message in [
+        (("--control", "preset=modern"), "--control picks the baseline of --compare"),
+        (("--compare", "--control", "modern"), "--control takes NAME=VALUE"),
+        (("--compare", "--control", "seed=1"), "varies preset; --control picks a level of a sweep with one factor"),
+        (("--compare", "--control", "preset=nope"), "no counted runs at that level of techniques; its levels: modern,"),
+    ]:
+        result = lenet("report", *sources, *args, "--out", tmp_path / "r")
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(output_lines(result)) == 1
+
+
 def test_the_store_adds_runs_and_records_each_look_once() -> None:
     assert "looks" in schema_tables(3) and "looks" not in schema_tables(2)
     look = {"look": 1, "seeds": 1, "target": 3, "alpha": alpha_of_look(1), "equivalence": 0.5}
