@@ -148,7 +148,7 @@ class RunConfig:
         preset = str(values.get("preset", "modern"))
         _check_value("preset", preset)
         merged = {**PRESETS[preset], **values, "preset": preset}
-        return cls(**{k: _coerce(k, v) for k, v in merged.items()})
+        return cls(**{k: coerce(k, v) for k, v in merged.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """The plain dict that goes to W&B and into every checkpoint."""
@@ -358,7 +358,7 @@ def _unknown_message(unknown: list[Any]) -> str:
 EXAMPLES = {"milestones": "81,122", "teacher": "teachers/resnet20/best.pt", "data_dir": "data/cifar10-jpg.tar.gz"}
 
 
-def _coerce(key: str, value: Any) -> Any:
+def coerce(key: str, value: Any) -> Any:
     """Convert strings from the command line and numpy scalars from sweeps to the field's type."""
     kind = FIELD_TYPES[key]
     try:

@@ -179,6 +179,7 @@ class Teacher:
     shift: torch.Tensor | None
     table: torch.Tensor | None = None  # precomputed logits: train image x column of its view x class
     columns: torch.Tensor | None = None  # view id -> column of `table`
+    facts: dict[str, Any] = field(default_factory=dict)  # its cost and accuracy for the student's summary
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -315,11 +316,28 @@ def load_teacher(config: RunConfig, dataset: Dataset, train_b: Batches, device: 
     path = Path(config.teacher)
     model = build_model(tconf, len(payload["classes"])).to(device, memory_format=memory_format(tconf))
     load_weights(model, payload, path, tconf)
+    facts = teacher_facts(path, payload, tconf, count_parameters(model))  # counted while still trainable
     model.eval().requires_grad_(False)
     mean, std = (payload[k].float().view(1, 3, 1, 1).to(device) for k in ("mean", "std"))
     if torch.equal(mean, train_b.mean) and torch.equal(std, train_b.std):
-        return Teacher(model, None, None)
-    return Teacher(model, train_b.std / std, (train_b.mean - mean) / std)
+        return Teacher(model, None, None, facts=facts)
+    return Teacher(model, train_b.std / std, (train_b.mean - mean) / std, facts=facts)
+
+
+def teacher_facts(path: Path, payload: dict[str, Any], tconf: RunConfig, params: int) -> dict[str, Any]:
+    """The teacher's architecture, size, epochs, best val accuracy and, from the last.pt its finished run left
+    beside best.pt, its test accuracy and training time (s); NaN where that file is gone or cut short."""
+    final: dict[str, Any] = {}
+    with suppress(CheckpointError):
+        final = load_checkpoint(path.with_name("last.pt"))["metrics"]  # a cut-short run's holds no test/acc
+    return {
+        "teacher/arch": tconf.arch,
+        "teacher/params": params,
+        "teacher/epochs": tconf.epochs,
+        "teacher/val_acc": float(payload["metrics"].get("best/val_acc", math.nan)),
+        "teacher/test_acc": float(final.get("test/acc", math.nan)),
+        "teacher/train_s": float(final.get("time/total_s", math.nan)),
+    }
 
 
 @dataclass
@@ -563,7 +581,7 @@ def train(
         threads=torch.get_num_threads(),
         torch=str(torch.__version__),
         python=platform.python_version(),
-        **({"time/teacher_s": teacher_s} if teacher is not None else {}),
+        **({**teacher.facts, "time/teacher_s": teacher_s} if teacher is not None else {}),
     )
     if last and not cut_short:  # the weights of a cut-short epoch are not a resumable state
         final = checkpoint(net, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))

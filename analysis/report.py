@@ -26,6 +26,7 @@ from analysis.tables import (
     step_gains,
     sweep_alpha,
     sweep_comparison,
+    teacher_table,
 )
 
 
@@ -74,6 +75,14 @@ def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float
         markdown(table),
         "",
     ]
+    teachers = teacher_table(runs)
+    if not teachers.empty:
+        lines += [
+            "### Teachers (their own cost and accuracy; each distilled setting is its own arm above)",
+            "",
+            markdown(teachers),
+            "",
+        ]
     if factors(meta["config"]):
         lines += [
             f"### Effects (Δ: the difference from the first level, the baseline, ± the half-width of its 95% "

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from ablation.config import _coerce
+from ablation.config import coerce
 from ablation.errors import ConfigError
 from analysis.results import COUNTED, Results, ResultsError
 from analysis.stats import (
@@ -64,7 +65,7 @@ def _group_keys(sweep_config: dict[str, Any]) -> list[str]:
 def levels(sweep_config: dict[str, Any], factor: str, runs: pd.DataFrame) -> list[Any]:
     """A factor's levels in the order the sweep file lists them (the first is the baseline)."""
     spec = sweep_config["parameters"][factor]
-    listed = [_coerce(factor, v) for v in spec.get("values", [])]  # YAML may read 1e-3 as a string
+    listed = [coerce(factor, v) for v in spec.get("values", [])]  # YAML may read 1e-3 as a string
     seen = [v for v in pd.unique(runs[factor]) if v not in listed]
     return listed + sorted(seen, key=str)
 
@@ -337,7 +338,7 @@ def control_arm(results: Results, runs: pd.DataFrame, sweep_id: str, control: st
             f"--control {control}: {title} ({sweep_id}) varies {varies}; --control picks a level of a sweep with "
             f"one factor (drop --control for a one-recipe sweep)"
         )
-    value, own = _coerce(name, raw), runs["sweep_id"] == sweep_id
+    value, own = coerce(name, raw), runs["sweep_id"] == sweep_id
     if not (own & (runs[name] == value)).any():
         shown = ", ".join(str(v) for v in levels(config, name, runs[own]))
         raise ConfigError(f"--control {control}: no counted runs at that level of {title}; its levels: {shown}")
@@ -392,6 +393,34 @@ def sweep_comparison(
             row[f"seeds needed ({name})"] = "" if found is None else seeds_cell(found.verdict, found.seeds_needed)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per teacher a sweep's runs distilled from: its size, epochs, accuracy and training time, and the
+    set-up time each student paid for it (loading it, or computing/reading its view table); empty without one."""
+    if "teacher/arch" not in runs:
+        return pd.DataFrame()
+    rows = []
+    for path, group in runs[runs["teacher/arch"].notna()].groupby("teacher", sort=False):
+        first = group.iloc[0]
+        rows.append(
+            {
+                "teacher": f"{first['teacher/arch']} (run {Path(str(path)).parent.name})",
+                "parameters": f"{int(first['teacher/params']):,}",
+                "epochs": int(first["teacher/epochs"]),
+                "val acc %": _number(first.get("teacher/val_acc")),
+                "test acc %": _number(first.get("teacher/test_acc")),
+                "training time (min)": _number(first.get("teacher/train_s", math.nan) / 60, 1),
+                "students": len(group),
+                "set-up per student (s, mean)": _number(group["time/teacher_s"].mean(), 0),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    """A float with `digits` decimals; a dash when missing."""
+    return "–" if value is None or pd.isna(value) else f"{float(value):.{digits}f}"
 
 
 def signed(m: float, h: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from ablation.train import (
     prepare,
     train,
 )
+from analysis.tables import teacher_table
 
 # Per-epoch numbers that depend on the wall clock, not on the arithmetic.
 TIMING = ("time", "throughput")
@@ -314,6 +316,24 @@ def test_distill_weight_zero_is_no_distillation(batches_dir: Path, teacher: Path
     distilled = numbers(*run(batches_dir, epochs=2, teacher=str(teacher), distill_weight=0.5))
     assert distilled != plain
     assert distilled == numbers(*run(batches_dir, epochs=2, teacher=str(teacher), distill_weight=0.5))
+
+
+def test_a_distilled_run_records_its_teachers_cost_and_accuracy(batches_dir: Path, tmp_path: Path) -> None:
+    taught, _ = run(batches_dir, tmp_path / "teacher", epochs=2, norm="none")
+    best = tmp_path / "teacher" / "best.pt"
+    student = config_for(batches_dir, epochs=1, teacher=str(best))
+    summary = train(student, MemoryLogger())
+    assert summary["teacher/arch"] == "lenet5" and summary["teacher/epochs"] == 2
+    assert summary["teacher/params"] == taught["params"] and summary["teacher/val_acc"] == taught["best/val_acc"]
+    assert summary["teacher/test_acc"] == taught["test/acc"] and summary["teacher/train_s"] == taught["time/total_s"]
+    table = teacher_table(pd.DataFrame([{**student.to_dict(), **summary}, {**config_for(batches_dir).to_dict()}]))
+    (row,) = table.to_dict("records")  # the run without a teacher adds no row
+    assert row["teacher"] == "lenet5 (run teacher)" and row["students"] == 1
+    assert row["test acc %"] == f"{taught['test/acc']:.2f}" and row["epochs"] == 2
+    (tmp_path / "teacher" / "last.pt").unlink()  # the teacher's finished run left no last.pt: unknown, not invented
+    bare = train(student, MemoryLogger())
+    assert math.isnan(bare["teacher/test_acc"]) and bare["teacher/val_acc"] == taught["best/val_acc"]
+    assert teacher_table(pd.DataFrame([{**student.to_dict(), **bare}]))["test acc %"].tolist() == ["–"]
 
 
 def test_distillation_loss_is_the_scaled_kl_on_the_students_batch(batches_dir: Path, teacher: Path) -> None:
