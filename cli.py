@@ -864,7 +864,7 @@ def report(
     ] = None,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
-    from ablation.errors import ConfigError, SweepError, TrackingError
+    from ablation.errors import SweepError, TrackingError
     from ablation.paths import writable_dir
     from ablation.tracking import wandb_logged_in
     from analysis.report import wandb_report, write_report
@@ -873,7 +873,7 @@ def report(
 
     check_verdict_args(0.05, equivalence)  # a bad --equivalence is a usage error before any work
     if control is not None and not compare:
-        raise ConfigError("--control picks the baseline of --compare; add --compare or drop --control")
+        fail("--control picks the baseline of --compare; add --compare or drop --control")
     if wandb and not wandb_logged_in():  # before any work: saving the report is what --wandb asks for
         raise TrackingError("--wandb saves a W&B report and needs a W&B login: run `wandb login`, or drop --wandb")
     results = load_results(sources)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ablation.config import RunConfig
-from ablation.errors import CheckpointError, Interrupted, LenetError, OutputError, StoreError
+from ablation.errors import CheckpointError, ConfigError, Interrupted, LenetError, OutputError, StoreError
 from ablation.fused import fusable, pack_key, train_pack
 from ablation.paths import write_bytes
 from ablation.signals import StopRequest, StopSignal, signal_name
@@ -110,8 +110,25 @@ def fetch_checkpoints(store: Store, run_id: str, run_dir: Path) -> None:
     for name in CHECKPOINT_FILES:
         stored = store.checkpoint(run_id, name)
         path = run_dir / name
-        if stored and (not path.exists() or load_checkpoint(path)["epoch"] < stored[0]):
+        if stored and local_epoch(path) < stored[0]:
             write_bytes(path, stored[1], "checkpoint", "set LENET_HOME to a writable folder with free space")
+
+
+def resumable_epoch(path: Path, config: RunConfig) -> int:
+    """The epoch this host's last.pt of the run ended; -1 where it is missing, damaged or another run's."""
+    try:
+        payload = resumable(path, config)
+    except CheckpointError:
+        return -1
+    return payload["epoch"] if payload else -1
+
+
+def local_epoch(path: Path) -> int:
+    """The epoch a checkpoint file ended; -1 where it is missing or damaged (the store's copy replaces it)."""
+    try:
+        return load_checkpoint(path)["epoch"] if path.exists() else -1
+    except CheckpointError:
+        return -1
 
 
 def run_checkpoint(run_id: str, name: str = "best.pt") -> Path:
@@ -119,7 +136,8 @@ def run_checkpoint(run_id: str, name: str = "best.pt") -> Path:
     location = store_location()
     folder = runs_home(location) / "runs" / run_id
     if not (folder / name).exists() and isinstance(location, str):  # PostgreSQL: maybe trained on another host
-        fetch_checkpoints(Store(location), run_id, folder)
+        with Store(location) as store:
+            fetch_checkpoints(store, run_id, folder)
     if not (folder / name).exists():
         raise CheckpointError(
             f"{run_id} is neither a checkpoint file nor a run with a {name} in {folder}"
@@ -274,24 +292,27 @@ def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | 
     return WAIT if waiting else None
 
 
-def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hashable:
-    """Which pack a claimed run may join: runs that agree on `pack_key` and ended the same epoch (0: fresh). A
+def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hashable | None:
+    """Which pack a claimed run may join (None: it trains alone): runs that agree on `pack_key` and ended the
+    same epoch (0: fresh). A
     resumed run's epoch is its newest last.pt's, here or in a PostgreSQL `store` (it may have trained on another
     host since: `train_pack_claims` fetches that copy)."""
-    # Called inside claim_many's transaction, which holds the store's write lock: read epochs, not checkpoints.
-    if claim.config is None:
-        return ("alone", claim.run_id)  # its parameters are invalid: it fails alone, saying why
-    config = run_config(claim.config, spec)
-    if not fusable(config):
-        return ("alone", claim.run_id)
+    # Called inside claim_many's transaction, which holds the store's write lock: the store copy's epoch only, and
+    # this host's last.pt (small: LeNet-5's weights and optimiser state).
+    try:
+        config = run_config(claim.config, spec) if claim.config is not None else None
+    except ConfigError:
+        config = None
+    if config is None or not fusable(config):
+        return None  # invalid parameters fail alone, saying why
     if claim.attempt == 1:
         return pack_key(config), 0
     last = home_of(spec) / "runs" / claim.run_id / "last.pt"
     stored = store.checkpoint_epoch(claim.run_id, "last.pt") if store is not None and store.postgres else None
-    if not last.exists() and stored is None:  # never trained, or on another host without a store copy
-        return ("alone", claim.run_id)
-    checkpoint = resumable(last, config)
-    return pack_key(config), max(checkpoint["epoch"] if checkpoint else 0, stored or 0)
+    local = resumable_epoch(last, config)
+    if local < 0 and stored is None:  # never trained, damaged, or on another host without a store copy
+        return None
+    return pack_key(config), max(local, stored or 0)
 
 
 def work(spec: WorkerSpec, on_event: Event, stop: StopRequest | None = None) -> int:
@@ -341,7 +362,8 @@ def train_pack_claims(
 
     try:
         configs = [run_config(c.config or c.params, spec) for c in claims]
-        runs = [claim_wandb(store, c, spec, config) for c, config in zip(claims, configs)]
+        for claim, config in zip(claims, configs):  # one at a time: `finally` finishes those started
+            runs.append(claim_wandb(store, claim, spec, config))
         dirs = [home_of(spec) / "runs" / run_id for run_id in ids]
         for claim, folder in zip(claims, dirs):
             if claim.attempt > 1 and store.postgres:  # the newer copy `pack_of` counted on

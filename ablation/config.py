@@ -86,7 +86,9 @@ class RunConfig:
     weight_decay: float = 5e-4  # on conv/fc weights only; coupled L2 except adamw (decoupled)
     l1: float = 0.0  # coefficient of sum(|w|) over conv/fc weights, added to the loss
     schedule: str = "onecycle"
-    milestones: str = ""  # schedule=step: epochs after which the lr drops x0.1, e.g. "81,122"; "" = 50% and 75%
+    # schedule=step: epochs after which the lr drops x0.1, e.g. "81,122"; "" = 50% and 75% (as fractions of the
+    # epochs, applied to the steps after any warm-up)
+    milestones: str = ""
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max global gradient L2 norm; 0 = off

@@ -493,6 +493,7 @@ class PgRow(tuple):
         return tuple.__getitem__(self, self.columns[key] if isinstance(key, str) else key)
 
     def keys(self) -> list[str]:
+        """The column names, as sqlite3.Row.keys()."""
         return list(self.columns)
 
 
@@ -518,20 +519,24 @@ class PgConnection:
         self.conn = psycopg.connect(url, autocommit=True, row_factory=pg_rows, connect_timeout=30)
 
     def execute(self, sql: str, args: Any = ()) -> Any:
+        """Run one statement with `?` placeholders; its cursor."""
         return self.conn.execute(pg_sql(sql), args or None)
 
     def executemany(self, sql: str, rows: Any) -> Any:
+        """Run one statement for each parameter row; the cursor."""
         cursor = self.conn.cursor()
         cursor.executemany(pg_sql(sql), rows)
         return cursor
 
     @property
     def in_transaction(self) -> bool:
+        """Whether a transaction is open, as sqlite3.Connection.in_transaction."""
         import psycopg
 
         return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
     def close(self) -> None:
+        """Close the server connection."""
         self.conn.close()
 
 
@@ -581,6 +586,14 @@ class Store:
             self.db: Any = PgConnection(url)
         except psycopg.Error as exc:
             raise pg_error(exc, url) from None
+        try:
+            self._pg_schema()
+        except BaseException:  # a database not ours, or newer: the refusal leaves no connection open
+            self.db.close()
+            raise
+
+    def _pg_schema(self) -> None:
+        """Create or migrate a PostgreSQL store's schema (one process at a time, under the store's lock)."""
         if self._pg_version() < SCHEMA_VERSION:
             with self.transaction() as db:
                 version = self._pg_version()  # again, under the lock: another process may have done it
@@ -802,11 +815,12 @@ class Store:
         worker: str,
         limit: int,
         defaults: dict[str, Any] | None = None,
-        key: Callable[[Claim], Hashable] | None = None,
+        key: Callable[[Claim], Hashable | None] | None = None,
     ) -> list[Claim] | str | None:
-        """Up to `limit` runs for `worker` in one transaction (as `claim`), all with the first one's `key`:
-        requeued runs first, in order, then new ones from the search (a new run that does not fit stays pending
-        for the next claim; at most `limit` are drawn). WAIT or None (done) when there is none."""
+        """Up to `limit` runs for `worker` in one transaction (as `claim`), all with the first one's `key` (a first
+        run whose key is None is claimed alone, without looking further): requeued runs first, in order, then new
+        ones from the search (a new run that does not fit stays pending for the next claim; a search draws at most
+        `limit` points, a grid inserts its remaining points at once). WAIT or None (done) when there is none."""
         with quiet():  # W&B's search code takes seconds to import: not while holding every worker's write lock
             importlib.import_module(f"sweeps.{self.sweep(sweep_id)['config']['method']}_search")
         with self.transaction() as db:
@@ -816,29 +830,31 @@ class Store:
             self._requeue_stale(db, sweep_id)
             claims: list[Claim] = []
             wanted: list[Hashable] = []  # the first claim's key
+            room = [limit]  # how many claims fit: 1 once the first claim's key is None (it takes no partners)
 
             def offer(row: sqlite3.Row) -> None:
                 claim = candidate(row, sweep_id, defaults)
-                mine = key(claim) if key else None
-                if not claims or mine == wanted[0]:
+                mine = key(claim) if key else ()
+                if not claims or (mine is not None and mine == wanted[0]):
                     claims.append(claim)
                     wanted[:] = [mine]
+                    room[0] = 1 if mine is None else room[0]
 
             after = -1  # pending rows up to this idx were offered
             for _ in range(limit + 1):  # at most `limit` asks of the search for new runs
-                while len(claims) < limit:  # read no further than needed: pages of PAGE rows (a database
+                while len(claims) < room[0]:  # read no further than needed: pages of PAGE rows (a database
                     rows = db.execute(  # server would send a whole result at once)
                         "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?",
                         (sweep_id, after, PAGE),
                     ).fetchall()
                     for row in rows:
-                        if len(claims) >= limit:
+                        if len(claims) >= room[0]:
                             break
                         after = row["idx"]
                         offer(row)
                     if len(rows) < PAGE:
                         break
-                if len(claims) >= limit or self._new_run(db, sweep) is None:
+                if len(claims) >= room[0] or self._new_run(db, sweep) is None:
                     break
             if not claims:
                 in_flight = db.execute(

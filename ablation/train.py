@@ -38,9 +38,9 @@ from ablation.data import (
     tta_views,
     view_params,
 )
-from ablation.errors import CheckpointError, ConfigError, missing_or_wrong
+from ablation.errors import CheckpointError, ConfigError, OutputError, missing_or_wrong
 from ablation.model import ARCH_NAMES, build_model, count_parameters
-from ablation.paths import output_error
+from ablation.paths import output_error, write_bytes
 from ablation.tracking import Logger
 
 THRESHOLDS = (50, 60, 70)  # val accuracy (%) whose first epoch is reported as convergence speed
@@ -245,10 +245,8 @@ def cached_view_table(
         if computed:
             buffer = io.BytesIO()
             torch.save({"table": table.cpu()}, buffer)
-            with suppress(OSError):  # a read-only folder only means computing it again next time
-                tmp = cache.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_bytes(buffer.getbuffer())
-                tmp.replace(cache)
+            with suppress(OutputError):  # a read-only folder or full disk only means computing it again next time
+                write_bytes(cache, buffer.getvalue(), "teacher view table")
     views = reachable_views(train_b.augment)
     columns = torch.full((VIEWS,), -1, dtype=torch.int64)
     columns[views] = torch.arange(len(views))
@@ -329,7 +327,9 @@ def teacher_facts(path: Path, payload: dict[str, Any], tconf: RunConfig, params:
     beside best.pt, its test accuracy and training time (s); NaN where that file is gone or cut short."""
     final: dict[str, Any] = {}
     with suppress(CheckpointError):
-        final = load_checkpoint(path.with_name("last.pt"))["metrics"]  # a cut-short run's holds no test/acc
+        last = load_checkpoint(path.with_name("last.pt"))
+        if last["config"] == payload["config"]:  # the same run's (a cut-short one's holds no test/acc)
+            final = last["metrics"]
     return {
         "teacher/arch": tconf.arch,
         "teacher/params": params,
@@ -767,9 +767,9 @@ def checkpoint(
 
 
 def write_checkpoints(payloads: dict[Path, dict[str, Any]]) -> None:
-    """Write checkpoints as one: each to a temporary file first, then all renamed, so an interruption leaves
-    the old set or the new one (a fused pack's members stay at one epoch). A failed write (full disk) leaves
-    the old files and no temporary."""
+    """Write checkpoints as one: each to a temporary file first, then all renamed, so a failed write (full disk)
+    leaves the old files and no temporary; only a kill between two renames (microseconds) mixes epochs, which
+    `agent.pack_of` tolerates (it groups a pack's members by the epoch each ended)."""
     buffers = {}
     for path, payload in payloads.items():
         buffers[path] = io.BytesIO()

@@ -410,7 +410,7 @@ def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "epochs": int(first["teacher/epochs"]),
                 "val acc %": _number(first.get("teacher/val_acc")),
                 "test acc %": _number(first.get("teacher/test_acc")),
-                "training time (min)": _number(first.get("teacher/train_s", math.nan) / 60, 1),
+                "training time (min)": _number(pd.to_numeric(first.get("teacher/train_s"), errors="coerce") / 60, 1),
                 "students": len(group),
                 "set-up per student (s, mean)": _number(group["time/teacher_s"].mean(), 0),
             }

@@ -368,6 +368,8 @@ def test_a_resumed_pack_member_starts_from_the_stores_newer_checkpoint(
     assert pack_of(again, spec, store) == (pack_key(config), 2)
     local = spec.home / "runs" / claim.run_id / "last.pt"
     assert load_checkpoint(local)["epoch"] == 1  # (read under the claim's lock: the epoch only, not the file)
+    local.write_bytes(b"torn")  # a damaged local copy: the store's copy still decides, and replaces it below
+    assert pack_of(again, spec, store) == (pack_key(config), 2)
     # ... and the pack trains from it: epoch 3 only, as one pack with no other member.
     train_pack_claims(store, [again], spec, lambda kind, details: None)
     history = [row["epoch"] for row in store.history(claim.run_id)]

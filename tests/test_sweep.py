@@ -1,5 +1,6 @@
 """Sweep files, validation, the `sweeps`-package adapter and the SQLite store."""
 
+import functools
 import math
 import random
 from multiprocessing import get_context
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from ablation.agent import WorkerSpec, pack_of
 from ablation.errors import StoreError, SweepError
 from ablation.store import WAIT, Claim, Store
 from ablation.sweep import grid_size, load_sweep_file, plain, suggest, sweep_run, to_stop, validate_sweep
@@ -214,6 +216,21 @@ def test_claim_many_claims_one_pack_at_a_time_and_leaves_the_rest_pending(tmp_pa
     assert sorted(claimed) == sorted(r["id"] for r in store.runs(sweep_id)) and len(claimed) == 6  # each once
     assert len(packs) < 6  # runs were claimed together
     assert all(r["attempts"] == 1 for r in store.runs(sweep_id))
+
+
+def test_a_requeued_run_with_a_damaged_last_pt_is_claimed_alone(tmp_path: Path) -> None:
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(seed=[0, 1, 2]), seed=0)
+    first = store.claim(sweep_id, "w")
+    assert isinstance(first, Claim)
+    store.requeue(first.run_id, "worker stopped")
+    (tmp_path / "runs" / first.run_id).mkdir(parents=True)
+    (tmp_path / "runs" / first.run_id / "last.pt").write_bytes(b"torn")  # e.g. a disk error
+    spec = WorkerSpec((sweep_id,), "w", tmp_path / "lenet.db", fuse=4, home=tmp_path)
+    key = functools.partial(pack_of, spec=spec, store=store)
+    claims = store.claim_many(sweep_id, "w", 4, key=key)  # the agent's claim: no error, no partners
+    assert isinstance(claims, list) and [c.run_id for c in claims] == [first.run_id] and claims[0].attempt == 2
+    assert len(store.claim_many(sweep_id, "w", 4, key=key)) == 2  # the fresh runs still pack together
 
 
 HYPERBANDS = [

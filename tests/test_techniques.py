@@ -334,6 +334,8 @@ def test_a_distilled_run_records_its_teachers_cost_and_accuracy(batches_dir: Pat
     bare = train(student, MemoryLogger())
     assert math.isnan(bare["teacher/test_acc"]) and bare["teacher/val_acc"] == taught["best/val_acc"]
     assert teacher_table(pd.DataFrame([{**student.to_dict(), **bare}]))["test acc %"].tolist() == ["–"]
+    stored = {**student.to_dict(), **bare, "teacher/test_acc": None, "teacher/train_s": None}  # a bundle's nulls
+    assert teacher_table(pd.DataFrame([stored]))[["test acc %", "training time (min)"]].values.tolist() == [["–", "–"]]
 
 
 def test_distillation_loss_is_the_scaled_kl_on_the_students_batch(batches_dir: Path, teacher: Path) -> None:
