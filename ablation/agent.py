@@ -134,7 +134,7 @@ def local_epoch(path: Path) -> int:
 def run_checkpoint(run_id: str, name: str = "best.pt") -> Path:
     """A run's checkpoint by run id: in this host's runs folder, else copied there from a PostgreSQL store."""
     location = store_location()
-    folder = runs_home(location) / "runs" / run_id
+    folder = run_folder(runs_home(location), run_id)
     if not (folder / name).exists() and isinstance(location, str):  # PostgreSQL: maybe trained on another host
         with Store(location) as store:
             fetch_checkpoints(store, run_id, folder)
@@ -196,7 +196,7 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, s
     """Train one claimed run, recording its history, summary, state or error; returns the final state."""
     # How a stop signal, a failed checkpoint write or another error ends it: `settle`.
     stop = stop or StopRequest()  # never set: nothing stops this run from outside
-    run_dir = home_of(spec) / "runs" / claim.run_id
+    run_dir = run_folder(home_of(spec), claim.run_id)
     on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
     wandb_run = None
     try:
@@ -279,6 +279,11 @@ def home_of(spec: WorkerSpec) -> Path:
     return spec.home if spec.home is not None else runs_home(spec.store_path)
 
 
+def run_folder(project: Path, run_id: str) -> Path:
+    """Where a run's checkpoints live under a project directory (the one owner of that layout)."""
+    return project / "runs" / run_id
+
+
 def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | str | None:
     """Runs from the first of the worker's sweeps that has some (up to `limit`, one pack); WAIT while any
     still has runs in flight."""
@@ -307,7 +312,7 @@ def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hasha
         return None  # invalid parameters fail alone, saying why
     if claim.attempt == 1:
         return pack_key(config), 0
-    last = home_of(spec) / "runs" / claim.run_id / "last.pt"
+    last = run_folder(home_of(spec), claim.run_id) / "last.pt"
     stored = store.checkpoint_epoch(claim.run_id, "last.pt") if store is not None and store.postgres else None
     local = resumable_epoch(last, config)
     if local < 0 and stored is None:  # never trained, damaged, or on another host without a store copy
@@ -364,7 +369,7 @@ def train_pack_claims(
         configs = [run_config(c.config or c.params, spec) for c in claims]
         for claim, config in zip(claims, configs):  # one at a time: `finally` finishes those started
             runs.append(claim_wandb(store, claim, spec, config))
-        dirs = [home_of(spec) / "runs" / run_id for run_id in ids]
+        dirs = [run_folder(home_of(spec), run_id) for run_id in ids]
         for claim, folder in zip(claims, dirs):
             if claim.attempt > 1 and store.postgres:  # the newer copy `pack_of` counted on
                 fetch_checkpoints(store, claim.run_id, folder)
@@ -606,7 +611,7 @@ def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, An
         logger = FanOut(WandbLogger(run), MemoryLogger())
         with StopRequest() as stop:
             summary = run_stoppable(
-                lambda: train(config, logger, checkpoint_dir=home() / "runs" / run.id, stop_now=stop), stop
+                lambda: train(config, logger, checkpoint_dir=run_folder(home(), run.id), stop_now=stop), stop
             )
         run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
         return summary
