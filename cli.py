@@ -867,7 +867,7 @@ def report(
     from ablation.errors import SweepError, TrackingError
     from ablation.paths import writable_dir
     from ablation.tracking import wandb_logged_in
-    from analysis.report import wandb_report, write_report
+    from analysis.report import comparison_baseline, wandb_report, write_report
     from analysis.stats import check as check_verdict_args
     from analysis.tables import effects, factors, format_effects, seed_table, sweep_comparison
 
@@ -882,8 +882,7 @@ def report(
     comparison = sweep_comparison(results, list(results.sweeps), equivalence, control=control) if compare else None
     writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
     if comparison is not None:
-        first = next(iter(results.sweeps.values()))["name"] + (f", {control}" if control else "")
-        _print_table(f"comparison of the sweeps (Δ vs {first})", comparison)
+        _print_table(f"comparison of the sweeps (Δ vs {comparison_baseline(results, control)})", comparison)
     for sweep_id, meta in results.sweeps.items():  # the terminal gets the key columns; report.md has them all
         table = seed_table(results, sweep_id)
         _print_table(

@@ -299,9 +299,8 @@ def claim_next(store: Store, spec: WorkerSpec, limit: int = 1) -> list[Claim] | 
 
 def pack_of(claim: Claim, spec: WorkerSpec, store: Store | None = None) -> Hashable | None:
     """Which pack a claimed run may join (None: it trains alone): runs that agree on `pack_key` and ended the
-    same epoch (0: fresh). A
-    resumed run's epoch is its newest last.pt's, here or in a PostgreSQL `store` (it may have trained on another
-    host since: `train_pack_claims` fetches that copy)."""
+    same epoch (0: fresh). A resumed run's epoch is its newest last.pt's, here or in a PostgreSQL `store` (it may
+    have trained on another host since: `train_pack_claims` fetches that copy)."""
     # Called inside claim_many's transaction, which holds the store's write lock: the store copy's epoch only, and
     # this host's last.pt (small: LeNet-5's weights and optimiser state).
     try:

@@ -830,7 +830,9 @@ class Store:
             self._requeue_stale(db, sweep_id)
             claims: list[Claim] = []
             wanted: list[Hashable] = []  # the first claim's key
-            room = [limit]  # how many claims fit: 1 once the first claim's key is None (it takes no partners)
+
+            def full() -> bool:  # a first claim whose key is None takes no partners
+                return len(claims) >= (1 if wanted and wanted[0] is None else limit)
 
             def offer(row: sqlite3.Row) -> None:
                 claim = candidate(row, sweep_id, defaults)
@@ -838,23 +840,22 @@ class Store:
                 if not claims or (mine is not None and mine == wanted[0]):
                     claims.append(claim)
                     wanted[:] = [mine]
-                    room[0] = 1 if mine is None else room[0]
 
             after = -1  # pending rows up to this idx were offered
             for _ in range(limit + 1):  # at most `limit` asks of the search for new runs
-                while len(claims) < room[0]:  # read no further than needed: pages of PAGE rows (a database
+                while not full():  # read no further than needed: pages of PAGE rows (a database
                     rows = db.execute(  # server would send a whole result at once)
                         "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?",
                         (sweep_id, after, PAGE),
                     ).fetchall()
                     for row in rows:
-                        if len(claims) >= room[0]:
+                        if full():
                             break
                         after = row["idx"]
                         offer(row)
                     if len(rows) < PAGE:
                         break
-                if len(claims) >= room[0] or self._new_run(db, sweep) is None:
+                if full() or self._new_run(db, sweep) is None:
                     break
             if not claims:
                 in_flight = db.execute(

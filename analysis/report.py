@@ -176,11 +176,15 @@ def write_report(
     return report
 
 
+def comparison_baseline(results: Results, control: str | None = None) -> str:
+    """The name of `--compare`'s baseline: the first sweep, or its `control` level."""
+    return results.sweeps[next(iter(results.sweeps))]["name"] + (f", {control}" if control else "")
+
+
 def comparison_section(results: Results, comparison: pd.DataFrame, control: str | None = None) -> list[str]:
     """Markdown for `--compare`: the sweeps against the first one, in one table (one family)."""
-    first = results.sweeps[next(iter(results.sweeps))]["name"] + (f", {control}" if control else "")
     return [
-        f"## Comparison of the sweeps (baseline: {first})",
+        f"## Comparison of the sweeps (baseline: {comparison_baseline(results, control)})",
         "",
         "Each sweep minus the first, fitted as one table over the runs each counted: accuracy ~ sweep + seed when "
         "they share seeds (the same seed, the same data order and initial weights), intervals simultaneous over "
