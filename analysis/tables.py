@@ -443,10 +443,7 @@ def model_summary(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame()
     first = table.groupby(["factor", "context"], sort=False).first().reset_index()
-
-    def num(value: float, digits: int = 2) -> str:
-        return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
+    num = _number
     return pd.DataFrame(
         {
             "factor": first["factor"],
