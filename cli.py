@@ -21,6 +21,17 @@ from typer.core import TyperGroup
 
 from ablation.config import RunConfig, describe, load_config_file, parse_overrides
 from ablation.errors import Interrupted, LenetError
+from ablation.metrics import (
+    BEST_VAL_ACC,
+    TEST_ACC,
+    TEST_LOSS,
+    THROUGHPUT,
+    TOTAL_S,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+)
 from ablation.signals import exit_by_signal
 from ablation.tracking import one_line
 
@@ -45,8 +56,8 @@ class TerminalLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         text = (
-            f"loss {metrics['train/loss']:.3f} acc {metrics['train/acc']:.1f}% | val loss "
-            f"{metrics['val/loss']:.3f} acc {metrics['val/acc']:.1f}% | {metrics['throughput/img_s']:,.0f} img/s"
+            f"loss {metrics[TRAIN_LOSS]:.3f} acc {metrics[TRAIN_ACC]:.1f}% | val loss "
+            f"{metrics[VAL_LOSS]:.3f} acc {metrics[VAL_ACC]:.1f}% | {metrics[THROUGHPUT]:,.0f} img/s"
         )
         self.bar.update(self.task, description=f"epoch {min(step + 1, self.epochs)}/{self.epochs}", metrics=text)
         self.bar.console.print(f"epoch {step:>3}/{self.epochs}  {text}", highlight=False)
@@ -276,7 +287,7 @@ def test(
         path = run_checkpoint(checkpoint)
     result = evaluate_checkpoint(path, overrides)
     console.print(
-        f"test accuracy {result['test/acc']:.2f}%  loss {result['test/loss']:.4f}  on "
+        f"test accuracy {result[TEST_ACC]:.2f}%  loss {result[TEST_LOSS]:.4f}  on "
         f"{result['images']} images of {result['dataset']} (trained on {result['trained_on']}, "
         f"epoch {result['checkpoint_epoch']})",
         highlight=False,
@@ -478,15 +489,13 @@ def _metric_value(store: Any, run: dict[str, Any], metric: str | None) -> float 
 
 def _print_best(runs: list[dict[str, Any]]) -> None:
     scored = [
-        (r["summary"].get("best/val_acc"), r)
-        for r in runs
-        if r["summary"] and r["summary"].get("best/val_acc") is not None
+        (r["summary"].get(BEST_VAL_ACC), r) for r in runs if r["summary"] and r["summary"].get(BEST_VAL_ACC) is not None
     ]
     if scored:
         value, best = max(scored, key=lambda item: item[0])
         console.print(
             f"  best so far: {best['id']} best/val_acc {value:.2f}% "
-            f"test/acc {best['summary'].get('test/acc') or float('nan'):.2f}% "
+            f"test/acc {best['summary'].get(TEST_ACC) or float('nan'):.2f}% "
             f"({' '.join(f'{k}={v}' for k, v in best['params'].items())})",
             highlight=False,
         )
@@ -533,8 +542,8 @@ def agent_event(kind: str, info: dict[str, Any]) -> None:
     elif kind == "end" and "summary" in info:
         s = info["summary"]
         say(
-            f"[{info['run']}] {info['state']}: best/val_acc {s.get('best/val_acc') or float('nan'):.2f}% "
-            f"test/acc {s['test/acc']:.2f}% in {s['time/total_s']:.0f}s"
+            f"[{info['run']}] {info['state']}: best/val_acc {s.get(BEST_VAL_ACC) or float('nan'):.2f}% "
+            f"test/acc {s[TEST_ACC]:.2f}% in {s[TOTAL_S]:.0f}s"
         )
     elif kind == "end":
         say(f"[{info['run']}] failed: {info['error']}")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ablation.config import RunConfig
 from ablation.data import Batches, Dataset, load_dataset
 from ablation.errors import ConfigError
+from ablation.metrics import epoch_metrics
 from ablation.model import build_model, count_parameters, make_activation
 from ablation.tracking import Logger
 from ablation.train import (
@@ -560,17 +561,10 @@ class Pack:
         seconds = time.perf_counter() - tick
         files: dict[Path, dict[str, Any]] = {}
         stopping = []
+        images = seen + len(self.val_b.labels) + len(self.clean_b.labels)
         for i in self.running:
-            metrics = {
-                "train/loss": losses[i],
-                "train/acc": accs[i],
-                "train/clean_acc": clean_acc[i],
-                "val/loss": val_loss[i],
-                "val/acc": val_acc[i],
-                "lr": self.trainer.lr(i),
-                "time/epoch_s": seconds,
-                "throughput/img_s": (seen + len(self.val_b.labels) + len(self.clean_b.labels)) / seconds,
-            }
+            lr = self.trainer.lr(i)
+            metrics = epoch_metrics(losses[i], accs[i], clean_acc[i], val_loss[i], val_acc[i], lr, seconds, images)
             self.loggers[i].log(metrics, epoch)
             record = self.records[i]
             if record.add(epoch, metrics, self.model.member(i)) and self.dirs:

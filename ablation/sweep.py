@@ -15,10 +15,8 @@ from typing import Any
 
 from ablation.config import FIELD_TYPES, RunConfig, read_yaml
 from ablation.errors import ConfigError, SweepError
+from ablation.metrics import EPOCH_METRICS, OBJECTIVE, SUMMARY_METRICS
 
-# Metrics a sweep may optimise: logged every epoch, or written once in the summary.
-EPOCH_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss", "train/clean_acc")
-SUMMARY_METRICS = ("best/val_acc", "best/val_loss", "test/acc", "test/loss")
 GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
 
 
@@ -184,7 +182,7 @@ def confirm_sweep(config: dict[str, Any], run: dict[str, Any], epochs: int, seed
     return {
         "name": f"{config.get('name') or 'sweep'}_confirm",
         "method": "grid",
-        "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
+        "metric": config.get("metric") or dict(OBJECTIVE),
         "parameters": {
             **{k: {"value": v} for k, v in fixed.items()},
             "epochs": {"value": epochs},
@@ -210,7 +208,7 @@ def follow_up_sweep(
         "name": name,
         "description": description,
         "method": "grid",
-        "metric": config.get("metric") or {"name": "val/acc", "goal": "maximize"},
+        "metric": config.get("metric") or dict(OBJECTIVE),
         "parameters": parameters,
         "command": config.get("command") or ["lenet", "train", "${args_no_hyphens}"],
     }

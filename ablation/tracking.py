@@ -6,10 +6,7 @@ import os
 from typing import Any, Protocol
 
 from ablation.errors import TrackingError
-
-# W&B summaries of the per-epoch metrics: the best epoch's value, not the last one, so W&B's sweep table and
-# parallel coordinates rank runs as our tables do (best/val_acc, test/acc of the best-val checkpoint).
-SUMMARIES = {"val/acc": "max", "val/loss": "min"}
+from ablation.metrics import SUMMARIES
 
 
 class Logger(Protocol):

@@ -39,11 +39,36 @@ from ablation.data import (
     view_params,
 )
 from ablation.errors import CheckpointError, ConfigError, OutputError, missing_or_wrong
+from ablation.metrics import (
+    BEST_TRAIN_ACC,
+    BEST_TRAIN_LOSS,
+    BEST_VAL_ACC,
+    BEST_VAL_LOSS,
+    EPOCH_METRICS,
+    GAP_TRAIN_VAL,
+    TEACHER_ARCH,
+    TEACHER_EPOCHS,
+    TEACHER_PARAMS,
+    TEACHER_S,
+    TEACHER_TEST_ACC,
+    TEACHER_TRAIN_S,
+    TEACHER_VAL_ACC,
+    TEST_ACC,
+    TEST_LOSS,
+    THRESHOLDS,
+    TOTAL_S,
+    TRAIN_ACC,
+    TRAIN_CLEAN_ACC,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
+    epoch_metrics,
+    epochs_to,
+)
 from ablation.model import ARCH_NAMES, build_model, count_parameters
 from ablation.paths import output_error, write_bytes
 from ablation.tracking import Logger
 
-THRESHOLDS = (50, 60, 70)  # val accuracy (%) whose first epoch is reported as convergence speed
 EVAL_BATCH = 1024  # images per evaluation batch; memory only, results do not depend on it
 CLEAN_SUBSET = 5000  # training images (fixed by split_seed) whose clean accuracy is logged every epoch
 EMA_WARMUP = 10  # the EMA's decay is min(ema, (1 + n) / (EMA_WARMUP + n)) at update n (TensorFlow's num_updates)
@@ -331,12 +356,12 @@ def teacher_facts(path: Path, payload: dict[str, Any], tconf: RunConfig, params:
         if last["config"] == payload["config"]:  # the same run's (a cut-short one's holds no test/acc)
             final = last["metrics"]
     return {
-        "teacher/arch": tconf.arch,
-        "teacher/params": params,
-        "teacher/epochs": tconf.epochs,
-        "teacher/val_acc": float(payload["metrics"].get("best/val_acc", math.nan)),
-        "teacher/test_acc": float(final.get("test/acc", math.nan)),
-        "teacher/train_s": float(final.get("time/total_s", math.nan)),
+        TEACHER_ARCH: tconf.arch,
+        TEACHER_PARAMS: params,
+        TEACHER_EPOCHS: tconf.epochs,
+        TEACHER_VAL_ACC: float(payload["metrics"].get(BEST_VAL_ACC, math.nan)),
+        TEACHER_TEST_ACC: float(final.get(TEST_ACC, math.nan)),
+        TEACHER_TRAIN_S: float(final.get(TOTAL_S, math.nan)),
     }
 
 
@@ -553,16 +578,9 @@ def train(
         val_loss, val_acc = evaluate(net, val_b, dtype, config.tta, config.pad)
         _, clean_acc = evaluate(net, clean_b, dtype, config.tta, config.pad)
         seconds = time.perf_counter() - tick
-        metrics = {
-            "train/loss": train_loss,
-            "train/acc": train_acc,
-            "train/clean_acc": clean_acc,
-            "val/loss": val_loss,
-            "val/acc": val_acc,
-            "lr": trainer.scheduler.get_last_lr()[0],
-            "time/epoch_s": seconds,
-            "throughput/img_s": (seen + len(val_b.labels) + len(clean_b.labels)) / seconds,
-        }
+        lr = trainer.scheduler.get_last_lr()[0]
+        images = seen + len(val_b.labels) + len(clean_b.labels)
+        metrics = epoch_metrics(train_loss, train_acc, clean_acc, val_loss, val_acc, lr, seconds, images)
         logger.log(metrics, epoch)
         if record.add(epoch, metrics, net) and checkpoint_dir:
             best = checkpoint(net, config, dataset, record.summary(), epoch, train_b)
@@ -581,7 +599,7 @@ def train(
         threads=torch.get_num_threads(),
         torch=str(torch.__version__),
         python=platform.python_version(),
-        **({**teacher.facts, "time/teacher_s": teacher_s} if teacher is not None else {}),
+        **({**teacher.facts, TEACHER_S: teacher_s} if teacher is not None else {}),
     )
     if last and not cut_short:  # the weights of a cut-short epoch are not a resumable state
         final = checkpoint(net, config, dataset, summary, record.last_epoch, train_b, trainer.resume_state(record))
@@ -647,16 +665,16 @@ class Record:
     def add(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
         """Record an epoch; True when it is the new best (so its weights were kept)."""
         self.history.append({**metrics, "epoch": epoch})
-        if not all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss")):
+        if not all(math.isfinite(metrics[k]) for k in (TRAIN_LOSS, VAL_LOSS)):
             self.state = "diverged"
             return False
         for threshold in THRESHOLDS:
-            if metrics["val/acc"] >= threshold:
+            if metrics[VAL_ACC] >= threshold:
                 self.reached.setdefault(threshold, epoch)
-        self.stale = 0 if metrics["val/loss"] < self.lowest_val_loss else self.stale + 1
-        self.lowest_val_loss = min(self.lowest_val_loss, metrics["val/loss"])
-        key = (metrics["val/acc"], -metrics["val/loss"])
-        if self.best and key <= (self.best["val/acc"], -self.best["val/loss"]):
+        self.stale = 0 if metrics[VAL_LOSS] < self.lowest_val_loss else self.stale + 1
+        self.lowest_val_loss = min(self.lowest_val_loss, metrics[VAL_LOSS])
+        key = (metrics[VAL_ACC], -metrics[VAL_LOSS])
+        if self.best and key <= (self.best[VAL_ACC], -self.best[VAL_LOSS]):
             return False
         self.best = {**metrics, "epoch": epoch}
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -701,24 +719,18 @@ class Record:
             "state": self.state,
             "epochs_run": len(self.history),
             "best_epoch": best.get("epoch"),
-            "best/val_acc": best.get("val/acc"),
-            "best/val_loss": best.get("val/loss"),
-            "best/train_acc": best.get("train/acc"),
-            "best/train_loss": best.get("train/loss"),
-            "gap/train_val_acc": best["train/acc"] - best["val/acc"] if best else None,
-            "best/train_clean_acc": best.get("train/clean_acc"),
+            BEST_VAL_ACC: best.get(VAL_ACC),
+            BEST_VAL_LOSS: best.get(VAL_LOSS),
+            BEST_TRAIN_ACC: best.get(TRAIN_ACC),
+            BEST_TRAIN_LOSS: best.get(TRAIN_LOSS),
+            GAP_TRAIN_VAL: best[TRAIN_ACC] - best[VAL_ACC] if best else None,
+            "best/train_clean_acc": best.get(TRAIN_CLEAN_ACC),
             # The fitting gap without augmentation's handicap: clean train accuracy - val accuracy, best epoch.
-            "gap/clean_train_val_acc": best["train/clean_acc"] - best["val/acc"] if "train/clean_acc" in best else None,
+            "gap/clean_train_val_acc": best[TRAIN_CLEAN_ACC] - best[VAL_ACC] if TRAIN_CLEAN_ACC in best else None,
         }
-        out.update({f"epochs_to/val_acc_{t}": self.reached.get(t) for t in THRESHOLDS})
+        out.update({epochs_to(t): self.reached.get(t) for t in THRESHOLDS})
         last = self.history[-1] if self.history else {}
-        out.update(
-            {
-                f"final/{k}": v
-                for k, v in last.items()
-                if k in ("train/loss", "train/acc", "train/clean_acc", "val/loss", "val/acc")
-            }
-        )
+        out.update({f"final/{k}": v for k, v in last.items() if k in EPOCH_METRICS})
         return out
 
     def finish(self, model: nn.Module, test: Batches, dtype: torch.dtype | None, start: float) -> dict[str, Any]:
@@ -733,9 +745,9 @@ class Record:
             test_loss, test_acc = math.nan, math.nan
         return {
             **self.summary(),
-            "test/loss": test_loss,
-            "test/acc": test_acc,
-            "time/total_s": time.perf_counter() - start,
+            TEST_LOSS: test_loss,
+            TEST_ACC: test_acc,
+            TOTAL_S: time.perf_counter() - start,
         }
 
 
@@ -886,8 +898,8 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any] | None = None) -> 
     )
     loss, acc = evaluate(model, test, autocast_dtype(config.precision, device), config.tta, config.pad)
     return {
-        "test/loss": loss,
-        "test/acc": acc,
+        TEST_LOSS: loss,
+        TEST_ACC: acc,
         "dataset": dataset.name,
         "images": len(dataset.test_y),
         "checkpoint_epoch": payload["epoch"],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablation.metrics import BEST_VAL_ACC, VAL_ACC, VAL_LOSS
 from ablation.paths import write_bytes
 from analysis.results import Results
 from analysis.stats import BASELINE, BETTER, EQUIVALENCE, EQUIVALENT, INCONCLUSIVE, VERDICTS, WORSE
@@ -36,7 +37,7 @@ def learning_curves(results: Results, sweep_id: str, factor: str, path: Path) ->
         hist = results.history[results.history["run_id"].isin(ids)]
         if hist.empty:
             continue
-        for ax, metric in zip(axes, ("val/acc", "val/loss")):
+        for ax, metric in zip(axes, (VAL_ACC, VAL_LOSS)):
             stats = hist.groupby("epoch")[metric].agg(["mean", "std"]).fillna(0.0)
             (line,) = ax.plot(stats.index, stats["mean"], label=f"{level} (n={len(ids)})")
             ax.fill_between(
@@ -155,16 +156,16 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
     runs = results.runs[results.runs["sweep_id"] == sweep_id].reset_index(drop=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs.itertuples():
-        hist = results.history[results.history["run_id"] == run.run_id].reindex(columns=["epoch", "val/acc"])
+        hist = results.history[results.history["run_id"] == run.run_id].reindex(columns=["epoch", VAL_ACC])
         done = run.state in ("finished", "stopped_early")
         left.plot(
             hist["epoch"],
-            hist["val/acc"],
+            hist[VAL_ACC],
             color="tab:blue" if done else "tab:gray",
             linewidth=1.6 if done else 0.7,
             alpha=0.9 if done else 0.6,
         )
-    best = runs["best/val_acc"]
+    best = runs[BEST_VAL_ACC]
     colours = ["tab:blue" if s in ("finished", "stopped_early") else "tab:gray" for s in runs["state"]]
     right.scatter(runs.index, best, c=colours, s=18)
     right.step(runs.index, best.cummax(), where="post", color="tab:orange", label="best so far")

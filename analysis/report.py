@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from ablation.errors import TrackingError
+from ablation.metrics import BEST_VAL_ACC, TEST_ACC, VAL_ACC, VAL_LOSS
 from ablation.paths import writable_dir, write_bytes, write_text
 from ablation.tracking import one_line
 from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, search_progress, waterfall
@@ -286,11 +287,11 @@ def _wandb_section(wr: Any, results: Results, sweep_id: str, meta: dict[str, Any
     key = "Sweep" if meta["backend"] == "wandb" else "Group"
     counted = f"SummaryMetric('state') in {list(COUNTED)!r}"
     runset = wr.Runset(name=meta["name"], filters=f"Metric('{key}') = '{sweep_id}' and {counted}")
-    columns = [wr.Config(k) for k in swept(config)] + ["best/val_acc", "test/acc"]
+    columns = [wr.Config(k) for k in swept(config)] + [BEST_VAL_ACC, TEST_ACC]
     panels = [*_curves(wr, keys), *_bars(wr, keys, config.get("method") == "grid")]
     panels += [
         wr.ParallelCoordinatesPlot(columns=[wr.ParallelCoordinatesPlotColumn(metric=c) for c in columns]),
-        wr.ParameterImportancePlot(with_respect_to="best/val_acc"),  # only swept parameters vary in this run set
+        wr.ParameterImportancePlot(with_respect_to=BEST_VAL_ACC),  # only swept parameters vary in this run set
         wr.RunComparer(diff_only="split"),
     ]
     tables = [markdown(seed_table(results, sweep_id))]
@@ -312,8 +313,8 @@ def _curves(wr: Any, keys: list[str]) -> list[Any]:
     return [
         wr.LinePlot(title=f"{m} by {k}", x="epoch", y=[m], groupby=wr.Config(k), **group)
         for k in keys
-        for m in ("val/acc", "val/loss")
-    ] or [wr.LinePlot(title=f"{m} per run", x="epoch", y=[m]) for m in ("val/acc", "val/loss")]
+        for m in (VAL_ACC, VAL_LOSS)
+    ] or [wr.LinePlot(title=f"{m} per run", x="epoch", y=[m]) for m in (VAL_ACC, VAL_LOSS)]
 
 
 def _bars(wr: Any, keys: list[str], grid: bool) -> list[Any]:
@@ -324,7 +325,7 @@ def _bars(wr: Any, keys: list[str], grid: bool) -> list[Any]:
         return [
             wr.BarPlot(
                 title=f"best val / test acc by {k} (mean ± std)",
-                metrics=["best/val_acc", "test/acc"],
+                metrics=[BEST_VAL_ACC, TEST_ACC],
                 groupby=wr.Config(k),
                 orientation="v",
                 **group,
@@ -333,4 +334,4 @@ def _bars(wr: Any, keys: list[str], grid: bool) -> list[Any]:
         ]
     if not grid:
         return []
-    return [wr.ScalarChart(title=f"{m} (mean ± std)", metric=m, **group) for m in ("best/val_acc", "test/acc")]
+    return [wr.ScalarChart(title=f"{m} (mean ± std)", metric=m, **group) for m in (BEST_VAL_ACC, TEST_ACC)]

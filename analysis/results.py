@@ -15,6 +15,17 @@ import pandas as pd
 
 from ablation.config import FIELD_TYPES, RunConfig
 from ablation.errors import ConfigError, LenetError, missing_or_wrong
+from ablation.metrics import (
+    BEST_TRAIN_ACC,
+    BEST_TRAIN_LOSS,
+    BEST_VAL_ACC,
+    BEST_VAL_LOSS,
+    GAP_TRAIN_VAL,
+    TEST_ACC,
+    TEST_LOSS,
+    THRESHOLDS,
+    epochs_to,
+)
 from ablation.paths import write_text
 from ablation.sweep import grid_size
 
@@ -22,16 +33,14 @@ BUNDLE_FORMAT = "lenet-results/1"
 COUNTED = ("finished", "stopped_early")
 # Summary metrics the tables read; a sweep whose runs have none yet still gets these columns (as NaN).
 METRICS = (
-    "best/val_acc",
-    "best/val_loss",
-    "best/train_acc",
-    "best/train_loss",
-    "test/acc",
-    "test/loss",
-    "gap/train_val_acc",
-    "epochs_to/val_acc_50",
-    "epochs_to/val_acc_60",
-    "epochs_to/val_acc_70",
+    BEST_VAL_ACC,
+    BEST_VAL_LOSS,
+    BEST_TRAIN_ACC,
+    BEST_TRAIN_LOSS,
+    TEST_ACC,
+    TEST_LOSS,
+    GAP_TRAIN_VAL,
+    *(epochs_to(t) for t in THRESHOLDS),
     "dataset",
 )  # states whose metrics enter means; the rest are counted and shown
 

@@ -13,6 +13,24 @@ from scipy import stats as scipy_stats
 
 from ablation.config import coerce
 from ablation.errors import ConfigError
+from ablation.metrics import (
+    BEST_TRAIN_ACC,
+    BEST_TRAIN_LOSS,
+    BEST_VAL_ACC,
+    BEST_VAL_LOSS,
+    GAP_TRAIN_VAL,
+    OBJECTIVE,
+    TEACHER_ARCH,
+    TEACHER_EPOCHS,
+    TEACHER_PARAMS,
+    TEACHER_S,
+    TEACHER_TEST_ACC,
+    TEACHER_TRAIN_S,
+    TEACHER_VAL_ACC,
+    TEST_ACC,
+    epochs_to,
+    summary_name,
+)
 from analysis.results import COUNTED, Results, ResultsError
 from analysis.stats import (
     ALPHA,
@@ -28,7 +46,7 @@ from analysis.stats import (
 
 CONFIDENCE = 0.95
 CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
-VAL, TEST = "best/val_acc", "test/acc"
+VAL, TEST = BEST_VAL_ACC, TEST_ACC
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int, float]:
@@ -133,11 +151,11 @@ def seed_table(results: Results, sweep_id: str) -> pd.DataFrame:
                 "Initialisation": first["init"],
                 "Optimisation": describe_optimisation(first),
                 "# Epochs": int(first["epochs"]),
-                "Loss": cell("best/train_loss"),
-                "Accuracy": cell("best/train_acc"),
-                "Val Loss": cell("best/val_loss"),
-                "Val Accuracy": cell("best/val_acc"),
-                "Test Accuracy": cell("test/acc"),
+                "Loss": cell(BEST_TRAIN_LOSS),
+                "Accuracy": cell(BEST_TRAIN_ACC),
+                "Val Loss": cell(BEST_VAL_LOSS),
+                "Val Accuracy": cell(BEST_VAL_ACC),
+                "Test Accuracy": cell(TEST_ACC),
                 "Not counted": _not_counted(group),
             }
         )
@@ -242,11 +260,7 @@ def _effect_row(
     group = block[block[factor] == order[i]]
     ok = counted(group)
     val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST] if TEST in ok else pd.Series(dtype=float))
-    reached = (
-        ok[f"epochs_to/val_acc_{CONVERGENCE}"].dropna()
-        if f"epochs_to/val_acc_{CONVERGENCE}" in ok
-        else pd.Series(dtype=float)
-    )
+    reached = ok[epochs_to(CONVERGENCE)].dropna() if epochs_to(CONVERGENCE) in ok else pd.Series(dtype=float)
     row = {
         "factor": factor,
         "context": variant_name(others, context) if others else "",
@@ -264,7 +278,7 @@ def _effect_row(
         **row,
         f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
         f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}",
-        "gap": mean_ci(ok["gap/train_val_acc"])[0] if "gap/train_val_acc" in ok else math.nan,
+        "gap": mean_ci(ok[GAP_TRAIN_VAL])[0] if GAP_TRAIN_VAL in ok else math.nan,
         "model": "level + seed" if fits[VAL].blocked else "level",
         "comparisons": len(fits[VAL].comparisons),
         "equivalence": fits[VAL].equivalence,
@@ -398,21 +412,21 @@ def sweep_comparison(
 def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per teacher a sweep's runs distilled from: its size, epochs, accuracy and training time, and the
     set-up time each student paid for it (loading it, or computing/reading its view table); empty without one."""
-    if "teacher/arch" not in runs:
+    if TEACHER_ARCH not in runs:
         return pd.DataFrame()
     rows = []
-    for path, group in runs[runs["teacher/arch"].notna()].groupby("teacher", sort=False):
+    for path, group in runs[runs[TEACHER_ARCH].notna()].groupby("teacher", sort=False):
         first = group.iloc[0]
         rows.append(
             {
-                "teacher": f"{first['teacher/arch']} (run {Path(str(path)).parent.name})",
-                "parameters": f"{int(first['teacher/params']):,}",
-                "epochs": int(first["teacher/epochs"]),
-                "val acc %": _number(first.get("teacher/val_acc")),
-                "test acc %": _number(first.get("teacher/test_acc")),
-                "training time (min)": _number(pd.to_numeric(first.get("teacher/train_s"), errors="coerce") / 60, 1),
+                "teacher": f"{first[TEACHER_ARCH]} (run {Path(str(path)).parent.name})",
+                "parameters": f"{int(first[TEACHER_PARAMS]):,}",
+                "epochs": int(first[TEACHER_EPOCHS]),
+                "val acc %": _number(first.get(TEACHER_VAL_ACC)),
+                "test acc %": _number(first.get(TEACHER_TEST_ACC)),
+                "training time (min)": _number(pd.to_numeric(first.get(TEACHER_TRAIN_S), errors="coerce") / 60, 1),
                 "students": len(group),
-                "set-up per student (s, mean)": _number(group["time/teacher_s"].mean(), 0),
+                "set-up per student (s, mean)": _number(group[TEACHER_S].mean(), 0),
             }
         )
     return pd.DataFrame(rows)
@@ -466,7 +480,7 @@ def best_configs(results: Results, sweep_id: str, k: int = 5) -> pd.DataFrame:
     keys = _group_keys(config)
     if not keys or runs.empty:
         return table.head(k)
-    means = runs.groupby(keys, sort=False)["best/val_acc"].mean().sort_values(ascending=False)
+    means = runs.groupby(keys, sort=False)[BEST_VAL_ACC].mean().sort_values(ascending=False)
     names = [variant_name(keys, v if isinstance(v, tuple) else (v,)) for v in means.index]
     return table.set_index("Model/variant").loc[names[:k]].reset_index()
 
@@ -476,14 +490,14 @@ def search_table(results: Results, sweep_id: str) -> pd.DataFrame:
     with what they reached before they were stopped, and the values of every searched parameter."""
     config = results.sweeps[sweep_id]["config"]
     searched = [k for k, spec in config["parameters"].items() if "value" not in spec and k != "seed"]
-    runs = results.runs[results.runs["sweep_id"] == sweep_id].sort_values("best/val_acc", ascending=False)
+    runs = results.runs[results.runs["sweep_id"] == sweep_id].sort_values(BEST_VAL_ACC, ascending=False)
     table = pd.DataFrame(
         {
             "run": runs["run_id"],
             "state": runs["state"],
             "epochs run": runs["epochs_run"],
-            "best val acc %": runs["best/val_acc"],
-            "test acc %": runs["test/acc"],
+            "best val acc %": runs[BEST_VAL_ACC],
+            "test acc %": runs[TEST_ACC],
             **{k: runs[k] for k in searched},
         }
     )
@@ -502,10 +516,8 @@ def best_run(results: Results, sweep_id: str) -> dict[str, Any]:
 
     The result also holds `metric_column` and `chosen` (how it was chosen, in words)."""
     config = results.sweeps[sweep_id]["config"]
-    metric = config.get("metric") or {"name": "val/acc", "goal": "maximize"}
-    column = (
-        metric["name"] if metric["name"].startswith(("best/", "test/")) else "best/" + metric["name"].replace("/", "_")
-    )
+    metric = config.get("metric") or OBJECTIVE
+    column = summary_name(metric["name"])
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     runs = runs.dropna(subset=[column]) if column in runs else runs.iloc[0:0]
     if runs.empty:

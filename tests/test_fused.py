@@ -25,6 +25,7 @@ from ablation.fused import (
     seeded_model,
     train_pack,
 )
+from ablation.metrics import epoch_metrics
 from ablation.model import build_model
 from ablation.tracking import MemoryLogger
 from ablation.train import evaluate_checkpoint, load_checkpoint, lr_factor, make_optimizer, prepare, train
@@ -171,7 +172,9 @@ def packed(pack: list[RunConfig], folder: Path, **kwargs: object) -> tuple[list[
 
 # Without batch norm, ReLU + max-pool after 20 steps at lr 0.05-0.1 turn float32 rounding into a few changed
 # max-pool choices (measured: 1.1e-3 relative on one bias); the float64 tests above show the updates are the same.
-FLOAT32_RTOL = {"anchor": 1e-2}
+# RMSprop divides by sqrt(v), which is near 0 in the first steps and so magnifies rounding: 3.9e-4 measured on an
+# AVX-512 AMD EPYC (the other packs stay below 1e-4 there); the kernels, hence the rounding, vary with the CPU.
+FLOAT32_RTOL = {"anchor": 1e-2, "rmsprop": 2e-3}
 
 
 @pytest.mark.parametrize("name", PACKS)
@@ -196,8 +199,9 @@ SUMMARY_EXACT = ("state", "epochs_run", "best_epoch", "best/val_acc", "final/val
 
 # float32 rounding (other kernels, other summation orders) can flip a max-pool or ReLU choice: measured on
 # SGD_PACK[1] over 2 epochs, standalone train() ends 6.7e-4 (relative, weights) from the float64 truth while the
-# pack ends 1.1e-6 from it; the summaries' losses then differ by up to 1.5e-4.
-LOSS_RTOL = 1e-3
+# pack ends 1.1e-6 from it; the summaries' losses then differ by up to 1.5e-4 there, and by 1.2e-3 (best/val_loss
+# of an SGD pack member resumed standalone) on an AVX-512 AMD EPYC, whose kernels round differently.
+LOSS_RTOL = 5e-3
 
 
 def assert_same_run(fused: dict, alone: dict, fused_log: MemoryLogger, alone_log: MemoryLogger) -> None:
@@ -218,6 +222,17 @@ def test_two_epoch_pack_summaries_equal_standalone_runs(tiny_data: Path, tmp_pat
         alone, log = standalone(config, tmp_path / f"alone{i}")
         assert_same_run(summaries[i], alone, logs[i], log)
         assert summaries[i]["pack_size"] == len(pack)
+
+
+def test_train_and_packs_log_exactly_the_epoch_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    keys = [*epoch_metrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0), "epoch"]  # MemoryLogger adds the step
+    pack = configs(SGD_PACK[:2], tiny_data, epochs=2)
+    _, logs = packed(pack, tmp_path / "pack")
+    _, alone = standalone(pack[0], tmp_path / "alone")
+    for log in [*logs, alone]:
+        assert [row["epoch"] for row in log.history] == [1, 2]
+        for row in log.history:
+            assert list(row) == keys and row["throughput/img_s"] > 0
 
 
 def test_member_checkpoints_are_standalone_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
