@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from ablation import metrics
 from ablation.config import coerce
 from ablation.errors import ConfigError
 from ablation.metrics import (
@@ -20,13 +21,6 @@ from ablation.metrics import (
     BEST_VAL_LOSS,
     GAP_TRAIN_VAL,
     OBJECTIVE,
-    TEACHER_ARCH,
-    TEACHER_EPOCHS,
-    TEACHER_PARAMS,
-    TEACHER_S,
-    TEACHER_TEST_ACC,
-    TEACHER_TRAIN_S,
-    TEACHER_VAL_ACC,
     TEST_ACC,
     epochs_to,
     summary_name,
@@ -412,24 +406,29 @@ def sweep_comparison(
 def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per teacher a sweep's runs distilled from: its size, epochs, accuracy and training time, and the
     set-up time each student paid for it (loading it, or computing/reading its view table); empty without one."""
-    if TEACHER_ARCH not in runs:
+    if metrics.TEACHER_ARCH not in runs:
         return pd.DataFrame()
     rows = []
-    for path, group in runs[runs[TEACHER_ARCH].notna()].groupby("teacher", sort=False):
+    for path, group in runs[runs[metrics.TEACHER_ARCH].notna()].groupby("teacher", sort=False):
         first = group.iloc[0]
         rows.append(
             {
-                "teacher": f"{first[TEACHER_ARCH]} (run {Path(str(path)).parent.name})",
-                "parameters": f"{int(first[TEACHER_PARAMS]):,}",
-                "epochs": int(first[TEACHER_EPOCHS]),
-                "val acc %": _number(first.get(TEACHER_VAL_ACC)),
-                "test acc %": _number(first.get(TEACHER_TEST_ACC)),
-                "training time (min)": _number(pd.to_numeric(first.get(TEACHER_TRAIN_S), errors="coerce") / 60, 1),
+                "teacher": f"{first[metrics.TEACHER_ARCH]} (run {Path(str(path)).parent.name})",
+                "parameters": f"{int(first[metrics.TEACHER_PARAMS]):,}",
+                "epochs": int(first[metrics.TEACHER_EPOCHS]),
+                "val acc %": _number(first.get(metrics.TEACHER_VAL_ACC)),
+                "test acc %": _number(first.get(metrics.TEACHER_TEST_ACC)),
+                "training time (min)": _number(_minutes(first.get(metrics.TEACHER_TRAIN_S)), 1),
                 "students": len(group),
-                "set-up per student (s, mean)": _number(group[TEACHER_S].mean(), 0),
+                "set-up per student (s, mean)": _number(group[metrics.TEACHER_S].mean(), 0),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _minutes(seconds: Any) -> float:
+    """Seconds (a number, a numeric string or missing) as minutes; NaN when missing."""
+    return float(pd.to_numeric(seconds, errors="coerce")) / 60
 
 
 def _number(value: Any, digits: int = 2) -> str:
