@@ -205,13 +205,14 @@ class Teacher:
     table: torch.Tensor | None = None  # precomputed logits: train image x column of its view x class
     columns: torch.Tensor | None = None  # view id -> column of `table`
     facts: dict[str, Any] = field(default_factory=dict)  # its cost and accuracy for the student's summary
+    dtype: torch.dtype | None = None  # its autocast (`teacher_precision`); None = fp32
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """The teacher's fp32 logits of the student's (augmented, normalised) batch."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (as fp32) of the student's (augmented, normalised) batch."""
         if self.scale is not None:
             x = x * self.scale + self.shift
-        return predict(self.model, x, dtype).float()
+        return predict(self.model, x.contiguous(memory_format=torch.channels_last), self.dtype).float()
 
     def lookup(self, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The precomputed logits of training images `idx` in views `view` (see `view_table`)."""
@@ -219,9 +220,7 @@ class Teacher:
         return self.table[idx, self.columns[view]]
 
 
-def view_table(
-    teacher: Teacher, train_b: Batches, dtype: torch.dtype | None, stop_now: Callable[[], bool] | None = None
-) -> torch.Tensor | None:
+def view_table(teacher: Teacher, train_b: Batches, stop_now: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """The teacher's logits of every training image in every view its `augment` mode can produce (crop offset x
     mirror: up to 162): N x views x classes, so a run without cutout/mixup/cutmix looks up the logits of its exact
     augmented batch instead of running the teacher at every step. None when `stop_now` cut it short."""
@@ -234,7 +233,7 @@ def view_table(
                 return None
             idx = torch.arange(start, min(n, start + EVAL_BATCH), device=device)
             x = train_b.normalise(take_views(train_b.images, idx, *view_params(view, len(idx), device), train_b.fill))
-            logits = teacher.logits(x, dtype)
+            logits = teacher.logits(x)
             if table is None:
                 table = torch.empty(n, len(views), logits.shape[1], device=device)
             table[idx, column] = logits
@@ -247,7 +246,6 @@ def cached_view_table(
     dataset: Dataset,
     teacher: Teacher,
     train_b: Batches,
-    dtype: torch.dtype | None,
     stop_now: Callable[[], bool] | None = None,
 ) -> bool:
     """Fill `teacher.table` from a file next to the teacher checkpoint, computing and writing it (best effort,
@@ -256,7 +254,7 @@ def cached_view_table(
     path = Path(config.teacher)
     stat = path.stat()
     key = f"{stat.st_size}|{stat.st_mtime_ns}|{dataset.name}|{config.split_seed}|{config.val_size}"
-    key += f"|{train_b.augment}|{dtype}|{len(train_b.labels)}"
+    key += f"|{train_b.augment}|{teacher.dtype}|{len(train_b.labels)}"
     key += "" if train_b.fill is None else f"|fill={train_b.fill.view(-1).tolist()}"  # older tables: mirror only
     cache = path.with_name(f"{path.name}.views-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     device = train_b.images.device
@@ -264,7 +262,7 @@ def cached_view_table(
         table = _read_table(cache, device) if locked else None
         computed = locked and table is None
         if computed:
-            table = view_table(teacher, train_b, dtype, stop_now)
+            table = view_table(teacher, train_b, stop_now)
         if table is None:
             return False
         if computed:
@@ -337,14 +335,18 @@ def load_teacher(config: RunConfig, dataset: Dataset, train_b: Batches, device: 
         return None
     payload, tconf = found
     path = Path(config.teacher)
-    model = build_model(tconf, len(payload["classes"])).to(device, memory_format=memory_format(tconf))
+    # channels_last whatever its norm: in eval mode batch norm is an affine map, and a ResNet-8's forward pass
+    # ran ~4x faster so on one CPU thread (batch norm's slow channels_last path is a training-mode cost)
+    model = build_model(tconf, len(payload["classes"])).to(device, memory_format=torch.channels_last)
     load_weights(model, payload, path, tconf)
     facts = teacher_facts(path, payload, tconf, count_parameters(model))  # counted while still trainable
     model.eval().requires_grad_(False)
     mean, std = (payload[k].float().view(1, 3, 1, 1).to(device) for k in ("mean", "std"))
+    precision = config.precision if config.teacher_precision == "auto" else config.teacher_precision
+    dtype = autocast_dtype(precision, device)
     if torch.equal(mean, train_b.mean) and torch.equal(std, train_b.std):
-        return Teacher(model, None, None, facts=facts)
-    return Teacher(model, train_b.std / std, (train_b.mean - mean) / std, facts=facts)
+        return Teacher(model, None, None, facts=facts, dtype=dtype)
+    return Teacher(model, train_b.std / std, (train_b.mean - mean) / std, facts=facts, dtype=dtype)
 
 
 def teacher_facts(path: Path, payload: dict[str, Any], tconf: RunConfig, params: int) -> dict[str, Any]:
@@ -424,7 +426,7 @@ class Trainer:
         logits are `looked_up` (precomputed for this batch's views) or computed on `x`."""
         assert self.teacher is not None
         t = self.config.distill_temperature
-        logits = self.teacher.logits(x, self.dtype) if looked_up is None else looked_up
+        logits = self.teacher.logits(x) if looked_up is None else looked_up
         target = F.log_softmax(logits / t, dim=1)
         kl = F.kl_div(F.log_softmax(out.float() / t, dim=1), target, reduction="batchmean", log_target=True)
         return t * t * kl
@@ -556,7 +558,7 @@ def train(
     teacher = load_teacher(config, dataset, train_b, device)  # before seeding: building it draws initial weights
     tabled = True
     if teacher is not None and config.teacher_logits == "precomputed":
-        tabled = cached_view_table(config, dataset, teacher, train_b, dtype, stop_now)
+        tabled = cached_view_table(config, dataset, teacher, train_b, stop_now)
     teacher_s = time.perf_counter() - tick
     torch.manual_seed(config.seed)
     model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))

@@ -3,6 +3,7 @@
 import functools
 import math
 import random
+import time
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -147,6 +148,21 @@ def test_dead_worker_run_is_requeued(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert again.run_id == first.run_id and again.attempt == 2 and again.params == first.params
     store.finish(again.run_id, "finished", {})
     assert store.claim(sweep_id, "b") is None
+
+
+def test_a_lost_workers_runs_are_requeued_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "lenet.db")
+    sweep_id = store.create_sweep(grid(seed=[0, 1, 2]), seed=0)
+    pack = store.claim_many(sweep_id, "a", 2)
+    alive = store.claim(sweep_id, "c")
+    monkeypatch.setenv("LENET_HEARTBEAT_TIMEOUT", "60")
+    with store.transaction() as db:  # the worker died between its members' beats: only one of them is stale yet
+        db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (time.time() - 61, pack[0].run_id))
+    again = store.claim_many(sweep_id, "b", 2)
+    assert [c.run_id for c in again] == [c.run_id for c in pack] and {c.attempt for c in again} == {2}
+    states = {r["id"]: r["state"] for r in store.runs(sweep_id)}
+    assert states[alive.run_id] == "running"  # another worker's run is not touched
+    assert store.heartbeat(*[c.run_id for c in again]) and store.claim(sweep_id, "d") == WAIT
 
 
 def test_run_cap_retry_failed_and_stop(tmp_path: Path) -> None:

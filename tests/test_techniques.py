@@ -4,6 +4,7 @@ teacher, and the clean-train accuracy; each for real on tiny generated data (tes
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -360,21 +361,41 @@ def test_teacher_logits_are_looked_up_for_the_exact_augmented_views(batches_dir:
     train_b, _, _ = prepare(config, dataset, torch.device("cpu"))
     loaded = load_teacher(config, dataset, train_b, torch.device("cpu"))
     assert loaded is not None
-    cached_view_table(config, dataset, loaded, train_b, None)
+    cached_view_table(config, dataset, loaded, train_b)
     assert loaded.table is not None and loaded.table.shape == (len(train_b.labels), VIEWS, 10)
     (cache,) = teacher.parent.glob("best.pt.views-*.pt")  # shared by the runs of a sweep
     written = cache.stat().st_mtime_ns
     for x, _, idx, view in train_b.views():  # augmented batches: every view is one of the table's
-        assert torch.allclose(loaded.lookup(idx, view), loaded.logits(x, None), atol=1e-4)
+        assert torch.allclose(loaded.lookup(idx, view), loaded.logits(x), atol=1e-4)
     again = load_teacher(config, dataset, train_b, torch.device("cpu"))
     assert again is not None
-    cached_view_table(config, dataset, again, train_b, None)
+    cached_view_table(config, dataset, again, train_b)
     assert torch.equal(again.table, loaded.table) and cache.stat().st_mtime_ns == written  # read, not recomputed
     values = {"epochs": 2, "teacher": str(teacher), "teacher_logits": "precomputed", "pad": pad}
     tabled = numbers(*run(batches_dir, **values))
     assert tabled == numbers(*run(batches_dir, **values))
     online = numbers(*run(batches_dir, **{**values, "teacher_logits": "online"}))
     assert [h["train/loss"] for h in tabled[1]] == pytest.approx([h["train/loss"] for h in online[1]], rel=1e-4)
+
+
+def test_teacher_precision_sets_the_teachers_arithmetic_only(batches_dir: Path, teacher: Path) -> None:
+    config = config_for(batches_dir, teacher=str(teacher))
+    dataset = load_dataset(config)
+    train_b, _, _ = prepare(config, dataset, torch.device("cpu"))
+    x = train_b.normalise(train_b.images[:64].float())
+    teachers = {}
+    for precision in ("auto", "fp32", "bf16"):
+        loaded = load_teacher(replace(config, teacher_precision=precision), dataset, train_b, torch.device("cpu"))
+        assert loaded is not None
+        teachers[precision] = loaded
+    assert teachers["auto"].dtype is None and teachers["bf16"].dtype == torch.bfloat16  # auto: the run's fp32
+    exact, rounded = teachers["fp32"].logits(x), teachers["bf16"].logits(x)
+    assert rounded.dtype == torch.float32 and not torch.equal(exact, rounded)
+    assert torch.allclose(exact, rounded, atol=0.1)  # bf16 keeps 8 bits of mantissa
+    for precision in ("fp32", "bf16"):  # each precision has its own table file next to the teacher
+        cached_view_table(replace(config, teacher_precision=precision), dataset, teachers[precision], train_b)
+    assert len(list(teacher.parent.glob("best.pt.views-*.pt"))) == 2
+    assert not torch.equal(teachers["fp32"].table, teachers["bf16"].table)
 
 
 def test_a_stop_while_the_teacher_table_is_computed_ends_the_run_as_stopped(batches_dir: Path, teacher: Path) -> None:
