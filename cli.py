@@ -318,6 +318,13 @@ class Backend(str, Enum):
 @sweep_app.command("create")
 def sweep_create(
     file: Annotated[Path, typer.Argument(help="A W&B sweep YAML file, e.g. sweeps/smoke.yaml.")],
+    settings: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Settings fixed for every run, overriding the file, e.g. teacher=/abs/teachers/resnet8/ID/best.pt.",
+            show_default=False,
+        ),
+    ] = None,
     backend: Annotated[
         Backend, typer.Option(help="wandb (W&B server) or local (embedded engine); auto = wandb when logged in.")
     ] = Backend.auto,
@@ -329,10 +336,16 @@ def sweep_create(
 ) -> None:
     """Validate a sweep file and create the sweep; prints its id."""
     from ablation.store import Store
-    from ablation.sweep import grid_size, load_sweep_file
+    from ablation.sweep import grid_size, load_sweep_file, missing_teachers
     from ablation.tracking import wandb_logged_in
 
-    config = load_sweep_file(file)
+    config = load_sweep_file(file, parse_overrides(settings or []))
+    missing = missing_teachers(config)
+    if missing:
+        fail(
+            f"teacher {missing[0]} is not a file: every run would fail; give a teacher's best.pt, e.g. "
+            f"`lenet sweep create {file} teacher=/abs/path/best.pt`"
+        )
     chosen = backend.value if backend != Backend.auto else ("wandb" if wandb_logged_in() else "local")
     store = Store()
     if chosen == "wandb":

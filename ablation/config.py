@@ -142,6 +142,11 @@ class RunConfig:
                 "use teacher_logits=online"
             )
         self.step_drops()  # a bad milestones value fails here, not at the first optimiser step
+        if self.preset == "best_teacher" and not self.distilling:
+            raise ConfigError(
+                "preset=best_teacher distils from a teacher: set teacher=PATH/best.pt and distill_weight > 0 "
+                "(train a teacher with `lenet train arch=resnet8 label_smoothing=0 epochs=50`)"
+            )
         if self.arch != "lenet5" and self.dropout > 0:
             raise ConfigError(f"dropout is on LeNet-5's hidden fc layers; arch={self.arch} has none, set dropout=0")
 
@@ -350,6 +355,10 @@ PRESETS.update(_technique_presets())
 # each second-round technique whose mean val effect was positive, at most one TTA mode and one mixing augmentation
 # (the rule in docs/results/README.md, stated before the data): TTA flip + crop and a weight EMA.
 PRESETS["best"] = {**PRESETS["modern"], "tta": "flip_crop", "ema": 0.999, "epochs": 50}
+# `best` with a teacher (sweeps/best_teacher.yaml): distill_weight 0.5 at temperature 4, picked on val by
+# sweeps/distill_weight.yaml, where students learnt without label smoothing (a smoothed target blurs the teacher's).
+# The teacher is a file on the user's machine, so the preset cannot name it: a run must set teacher=PATH.
+PRESETS["best_teacher"] = {**PRESETS["best"], "label_smoothing": 0.0, "distill_weight": 0.5, "distill_temperature": 4.0}
 
 CHOICES["preset"] = tuple(PRESETS)
 

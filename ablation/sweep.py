@@ -13,21 +13,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ablation.config import FIELD_TYPES, RunConfig, read_yaml
+from ablation.config import FIELD_TYPES, RunConfig, coerce, read_yaml
 from ablation.errors import ConfigError, SweepError
 from ablation.metrics import EPOCH_METRICS, OBJECTIVE, SUMMARY_METRICS
 
 GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
 
 
-def load_sweep_file(path: Path) -> dict[str, Any]:
-    """Read a sweep YAML file and validate it; every problem is reported, nothing is created."""
+def load_sweep_file(path: Path, settings: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read a sweep YAML file, fix `settings` (name -> value from the command line) for every run, and validate it;
+    every problem is reported, nothing is created."""
     config = read_yaml(path, "sweep file", SweepError)
     if not isinstance(config, dict):
         raise SweepError(f"sweep file {path} must be a mapping with method, metric and parameters")
+    if settings:
+        config = with_settings(config, settings)
     validate_sweep(config)
     question = leading_comment(Path(path).read_text())
     return {**config, "description": config.get("description", question)} if question else config
+
+
+def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:
+    """The sweep with each setting fixed to one value for every run (e.g. a teacher's path, which differs per
+    machine, so the committed file cannot name it): `parameters.NAME = {value: VALUE}`."""
+    for name in settings:
+        if name not in FIELD_TYPES:
+            raise ConfigError(_unknown(name))
+    fixed = {name: {"value": coerce(name, value)} for name, value in settings.items()}
+    params = config.get("parameters")
+    return {**config, "parameters": {**(params if isinstance(params, dict) else {}), **fixed}}
+
+
+def missing_teachers(config: dict[str, Any]) -> list[str]:
+    """The sweep's teacher checkpoints that are not files here (every run naming one would fail at its start)."""
+    spec = config["parameters"].get("teacher", {})
+    names = spec.get("values", [spec["value"]] if "value" in spec else [])
+    return [str(name) for name in names if name and not Path(str(name)).is_file()]
 
 
 def leading_comment(text: str) -> str:

@@ -97,3 +97,36 @@ def test_online_wandb_without_login_is_a_clear_error(
     result = lenet("train", *TINY_ARGS, f"data_dir={folder_dir}", "--wandb", "online")
     assert result.exit_code == 1
     assert "could not start a W&B online run" in result.output and "wandb login" in result.output
+
+
+def test_sweep_create_fixes_settings_from_the_command_line(tmp_path: Path) -> None:
+    from ablation.store import Store
+
+    teacher = tmp_path / "teachers" / "best.pt"
+    teacher.parent.mkdir()
+    teacher.write_bytes(b"a checkpoint")  # only its existence is checked here; a run loads it
+    sweep = Path(__file__).parents[1] / "sweeps" / "distill.yaml"  # its teacher is a placeholder path
+    result = lenet("sweep", "create", sweep, f"teacher={teacher}", "epochs=5", "--backend", "local")
+    assert result.exit_code == 0, result.output
+    assert "36 runs" in result.output  # a fixed setting replaces the file's spec, the grid's axes stay
+    sweep_id = result.output.split("created sweep ")[1].split()[0]
+    params = Store().sweep(sweep_id)["config"]["parameters"]
+    assert params["teacher"] == {"value": str(teacher)} and params["epochs"] == {"value": 5}
+    assert params["distill_weight"] == {"values": [0.5, 0.9]}
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ([], "teacher /path/to/teachers/resnet20/RUN_ID/best.pt is not a file: every run would fail; give"),
+        (["techer=/t/best.pt"], "unknown parameter 'techer' (did you mean 'teacher'?)"),
+        (["epochs=abc"], "epochs='abc' is not a valid int"),
+        (["teacher"], "cannot read 'teacher': write settings as key=value"),
+    ],
+)
+def test_sweep_create_refuses_what_every_run_would_fail_on(settings: list[str], message: str) -> None:
+    from ablation.store import Store
+
+    result = lenet("sweep", "create", Path(__file__).parents[1] / "sweeps" / "distill.yaml", *settings)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert Store().sweeps() == []  # nothing created

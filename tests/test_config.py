@@ -169,3 +169,17 @@ def test_best_is_modern_plus_what_helped_on_validation() -> None:
     best, modern = RunConfig.from_dict({"preset": "best"}), RunConfig()
     changed = {k: v for k, v in best.to_dict().items() if v != modern.to_dict()[k]}
     assert changed == {"tta": "flip_crop", "ema": 0.999, "epochs": 50, "preset": "best"}
+
+
+def test_best_teacher_is_best_distilled_without_label_smoothing() -> None:
+    teacher = RunConfig.from_dict({"preset": "best_teacher", "teacher": "/t/best.pt"})
+    best = RunConfig.from_dict({"preset": "best"}).to_dict()
+    changed = {k: v for k, v in teacher.to_dict().items() if v != best[k]}
+    assert changed == {"label_smoothing": 0.0, "teacher": "/t/best.pt", "preset": "best_teacher"}
+    assert teacher.distilling and (teacher.distill_weight, teacher.distill_temperature) == (0.5, 4.0)
+
+
+@pytest.mark.parametrize("settings", [{}, {"teacher": "/t/best.pt", "distill_weight": 0.0}])
+def test_best_teacher_without_a_teacher_is_refused(settings: dict) -> None:
+    with pytest.raises(ConfigError, match="preset=best_teacher distils from a teacher: set teacher=PATH"):
+        RunConfig.from_dict({"preset": "best_teacher", **settings})
