@@ -111,13 +111,16 @@ def schema_problems(config: dict[str, Any]) -> list[str]:
 def parameter_problems(config: dict[str, Any]) -> list[str]:
     """Unknown or nested parameters, invalid values, empty grids, and a metric we never log."""
     problems = []
-    for name, spec in config["parameters"].items():
+    params = config["parameters"]
+    # One value per run for these: a value valid only beside them (preset=best_teacher needs a teacher) is valid.
+    fixed = {n: spec["value"] for n, spec in params.items() if n in FIELD_TYPES and "value" in spec}
+    for name, spec in params.items():
         if "parameters" in spec:
             problems.append(f"parameter {name!r} is nested; W&B's grid search drops nested values, use flat names")
         elif name not in FIELD_TYPES:
             problems.append(_unknown(name))
         else:
-            problems += _value_problems(name, spec, config.get("method"))
+            problems += _value_problems(name, spec, config.get("method"), fixed)
     metric = (config.get("metric") or {}).get("name")
     if metric is not None and metric not in EPOCH_METRICS + SUMMARY_METRICS:
         problems.append(f"metric {metric!r} is never logged; use one of {', '.join(EPOCH_METRICS + SUMMARY_METRICS)}")
@@ -134,7 +137,7 @@ def _unknown(name: str) -> str:
     return f"unknown parameter {name!r}"
 
 
-def _value_problems(name: str, spec: dict[str, Any], method: str | None) -> list[str]:
+def _value_problems(name: str, spec: dict[str, Any], method: str | None, fixed: dict[str, Any]) -> list[str]:
     # W&B's log_uniform, q_log_uniform and inv_log_uniform take min/max as natural-log exponents, not values.
     exponents = spec.get("distribution") in ("log_uniform", "q_log_uniform", "inv_log_uniform")
     bounds = () if exponents else ("min", "max")
@@ -148,7 +151,10 @@ def _value_problems(name: str, spec: dict[str, Any], method: str | None) -> list
         try:
             RunConfig.from_dict({name: value})
         except ConfigError as exc:
-            problems.append(f"parameter {name!r}: {exc}")
+            try:
+                RunConfig.from_dict({**fixed, name: value})
+            except ConfigError:
+                problems.append(f"parameter {name!r}: {exc}")
     return problems
 
 

@@ -42,6 +42,12 @@ def test_every_sweep_file_is_valid(path: Path) -> None:
     assert config["command"] == ["lenet", "train", "${args_no_hyphens}"]
 
 
+def test_a_value_valid_beside_the_sweeps_fixed_settings_is_valid() -> None:
+    validate_sweep(grid(preset="best_teacher", teacher="/t/best.pt", seed=[0, 1]))  # the preset needs a teacher
+    with pytest.raises(SweepError, match="parameter 'preset': preset=best_teacher distils from a teacher"):
+        validate_sweep(grid(preset="best_teacher", seed=[0, 1]))
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
 def test_every_study_cell_has_three_seeds(path: Path) -> None:
     seeds = load_sweep_file(path)["parameters"]["seed"]["values"]
