@@ -356,7 +356,8 @@ PRESETS.update(_technique_presets())
 # (the rule in docs/results/README.md, stated before the data): TTA flip + crop and a weight EMA.
 PRESETS["best"] = {**PRESETS["modern"], "tta": "flip_crop", "ema": 0.999, "epochs": 50}
 # `best` with a teacher (sweeps/best_teacher.yaml): distill_weight 0.5 at temperature 4, picked on val by
-# sweeps/distill_weight.yaml, where students learnt without label smoothing (a smoothed target blurs the teacher's).
+# sweeps/distill_weight.yaml (students without label smoothing); the full grid, run later, prefers T = 2 with label
+# smoothing 0.1 on val (docs/results/README.md): the run that would move this preset there is not made yet.
 # The teacher is a file on the user's machine, so the preset cannot name it: a run must set teacher=PATH.
 PRESETS["best_teacher"] = {**PRESETS["best"], "label_smoothing": 0.0, "distill_weight": 0.5, "distill_temperature": 4.0}
 
