@@ -41,7 +41,9 @@ def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str,
             raise ConfigError(_unknown(name))
     fixed = {name: {"value": coerce(name, value)} for name, value in settings.items()}
     params = config.get("parameters")
-    return {**config, "parameters": {**(params if isinstance(params, dict) else {}), **fixed}}
+    if not isinstance(params, dict):
+        return config  # a misshapen file: validate_sweep names its problem, which a fixed setting must not hide
+    return {**config, "parameters": {**params, **fixed}}
 
 
 def missing_teachers(config: dict[str, Any]) -> list[str]:
