@@ -333,6 +333,10 @@ def sweep_create(
     seed: Annotated[
         int | None, typer.Option(help="Seed of random/bayes search (local engine); random if omitted.")
     ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="The sweep's name in reports (default: the file's `name:`), e.g. when settings change it."),
+    ] = None,
 ) -> None:
     """Validate a sweep file and create the sweep; prints its id."""
     from ablation.store import Store
@@ -340,6 +344,8 @@ def sweep_create(
     from ablation.tracking import wandb_logged_in
 
     config = load_sweep_file(file, parse_overrides(settings or []))
+    if name:
+        config = {**config, "name": name}
     missing = missing_teachers(config)
     if missing:
         fail(

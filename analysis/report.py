@@ -53,10 +53,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def file_stem(results: Results, sweep_id: str) -> str:
+    """The prefix of a sweep's CSV and PNG files: its name, plus its id where another sweep shares the name."""
+    name = results.sweeps[sweep_id]["name"]
+    shared = sum(meta["name"] == name for meta in results.sweeps.values()) > 1
+    return slug(f"{name}-{sweep_id}" if shared else name)
+
+
 def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float = EQUIVALENCE) -> list[str]:
     """Markdown for one sweep: question, tables, plots; writes its CSV and PNG files into `out`."""
     meta = results.sweeps[sweep_id]
-    name = slug(meta["name"])
+    name = file_stem(results, sweep_id)
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     table, effect = seed_table(results, sweep_id), effects(results, sweep_id, equivalence)
     write_csv(table, out / f"{name}-table.csv")

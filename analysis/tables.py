@@ -377,9 +377,12 @@ def sweep_comparison(
                 f"{results.sweeps[sweep_id]['name']} ({sweep_id}) "
                 + ("is a search" if config.get("method") != "grid" else f"varies {', '.join(factors(config))}")
             )
-    epochs = {results.sweeps[i]["name"]: sorted(set(runs.loc[runs["sweep_id"] == i, "epochs"])) for i in sweep_ids}
+    # Keyed by id: two sweeps may share a name (one file created twice with other settings).
+    epochs = {i: sorted(set(runs.loc[runs["sweep_id"] == i, "epochs"])) for i in sweep_ids}
     if len({tuple(e) for e in epochs.values()}) > 1:
-        shown = ", ".join(f"{name}: {'/'.join(str(int(e)) for e in v) or '–'}" for name, v in epochs.items())
+        shown = ", ".join(
+            f"{results.sweeps[i]['name']} ({i}): {'/'.join(str(int(e)) for e in v) or '–'}" for i, v in epochs.items()
+        )
         raise ConfigError(f"--compare needs sweeps trained for the same epochs ({shown}); compare like with like")
     fits = {m: fit_table(runs, "sweep_id", list(sweep_ids), m, None, equivalence, alpha) for m in (VAL, TEST)}
     rows = []
@@ -389,7 +392,7 @@ def sweep_comparison(
         arm = f" {control}" if control is not None and i == 0 else ""
         row = {
             "sweep": f"{results.sweeps[sweep_id]['name']} ({sweep_id}){arm}",
-            "# Epochs": "/".join(str(int(e)) for e in epochs[results.sweeps[sweep_id]["name"]]),
+            "# Epochs": "/".join(str(int(e)) for e in epochs[sweep_id]),
             "n": val[2],
             "val acc % (95% CI)": signed(val[0], val[3]).lstrip("+"),
             "test acc % (95% CI)": signed(test[0], test[3]).lstrip("+"),

@@ -8,6 +8,7 @@ import pytest
 from test_sweep import write_smoke
 from typer.testing import CliRunner
 
+from ablation.errors import ConfigError
 from analysis.report import wandb_report, write_report
 from analysis.results import from_records, full_config, merge, read_bundle, write_bundle
 from analysis.tables import effects, seed_table
@@ -253,3 +254,39 @@ def test_a_one_recipe_sweep_gets_curves_per_seed(tmp_path: Path) -> None:
     report = write_report(results, tmp_path, ["long.json"], "lenet report long.json").read_text()
     assert "![learning curves by seed](long-curves-seed.png)" in report
     assert (tmp_path / "long-curves-seed.png").stat().st_size > 10_000
+
+
+def test_two_sweeps_sharing_a_name_keep_their_own_files(tmp_path: Path) -> None:
+    """One sweep file created twice with other settings: each sweep's CSV and PNG files are its own."""
+    sweep = {
+        "name": "best_teacher",
+        "method": "grid",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": {"preset": {"value": "modern"}, "seed": {"values": [0, 1]}},
+    }
+    records = [
+        {
+            "id": f"{sweep_id}-{s}",
+            "sweep_id": sweep_id,
+            "state": "finished",
+            "config": full_config({"seed": s}),
+            "summary": {"best/val_acc": base + s, "test/acc": base - 1 + s, "dataset": "cifar10-jpg"},
+            "history": [{"epoch": e, "val/acc": base - 3 + e, "val/loss": 1.0 / e} for e in range(1, 4)],
+        }
+        for sweep_id, base in (("aaaa", 70.0), ("bbbb", 72.0))
+        for s in (0, 1)
+    ]
+    meta = {i: {"name": "best_teacher", "backend": "local", "config": sweep} for i in ("aaaa", "bbbb")}
+    results = from_records(records, meta)
+    write_report(results, tmp_path, ["a.json", "b.json"], "lenet report a.json b.json --compare", compare=True)
+    compared = pd.read_csv(tmp_path / "comparison.csv")
+    assert list(compared["sweep"]) == ["best_teacher (aaaa)", "best_teacher (bbbb)"]
+    assert compared["Δ val vs baseline"][1].startswith("+2.00")
+    tables = {i: pd.read_csv(tmp_path / f"best_teacher-{i}-table.csv") for i in ("aaaa", "bbbb")}
+    assert tables["aaaa"].to_csv() != tables["bbbb"].to_csv()  # before: the second overwrote the first
+    assert (tmp_path / "best_teacher-bbbb-curves-seed.png").stat().st_size > 10_000
+    assert not (tmp_path / "best_teacher-table.csv").exists()
+    for record in records[2:]:  # the same name no longer hides sweeps of other lengths from --compare
+        record["config"] = full_config({"seed": record["config"]["seed"], "epochs": 5})
+    with pytest.raises(ConfigError, match=r"best_teacher \(aaaa\): 30, best_teacher \(bbbb\): 5"):
+        write_report(from_records(records, meta), tmp_path, ["a.json", "b.json"], "lenet report", compare=True)

@@ -106,11 +106,15 @@ def test_sweep_create_fixes_settings_from_the_command_line(tmp_path: Path) -> No
     teacher.parent.mkdir()
     teacher.write_bytes(b"a checkpoint")  # only its existence is checked here; a run loads it
     sweep = Path(__file__).parents[1] / "sweeps" / "distill.yaml"  # its teacher is a placeholder path
-    result = lenet("sweep", "create", sweep, f"teacher={teacher}", "epochs=5", "--backend", "local")
+    result = lenet(
+        "sweep", "create", sweep, f"teacher={teacher}", "epochs=5", "--backend", "local", "--name", "distill_5"
+    )
     assert result.exit_code == 0, result.output
     assert "36 runs" in result.output  # a fixed setting replaces the file's spec, the grid's axes stay
     sweep_id = result.output.split("created sweep ")[1].split()[0]
-    params = Store().sweep(sweep_id)["config"]["parameters"]
+    stored = Store().sweep(sweep_id)
+    assert stored["name"] == "distill_5"  # another recipe than the file's, so another name in reports
+    params = stored["config"]["parameters"]
     assert params["teacher"] == {"value": str(teacher)} and params["epochs"] == {"value": 5}
     assert params["distill_weight"] == {"values": [0.5, 0.9]}
 

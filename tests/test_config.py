@@ -171,12 +171,13 @@ def test_best_is_modern_plus_what_helped_on_validation() -> None:
     assert changed == {"tta": "flip_crop", "ema": 0.999, "epochs": 50, "preset": "best"}
 
 
-def test_best_teacher_is_best_distilled_without_label_smoothing() -> None:
+def test_best_teacher_is_best_distilled_at_the_grids_pick() -> None:
     teacher = RunConfig.from_dict({"preset": "best_teacher", "teacher": "/t/best.pt"})
     best = RunConfig.from_dict({"preset": "best"}).to_dict()
     changed = {k: v for k, v in teacher.to_dict().items() if v != best[k]}
-    assert changed == {"label_smoothing": 0.0, "teacher": "/t/best.pt", "preset": "best_teacher"}
-    assert teacher.distilling and (teacher.distill_weight, teacher.distill_temperature) == (0.5, 4.0)
+    assert changed == {"distill_temperature": 2.0, "teacher": "/t/best.pt", "preset": "best_teacher"}
+    assert teacher.distilling and (teacher.distill_weight, teacher.distill_temperature) == (0.5, 2.0)
+    assert teacher.label_smoothing == best["label_smoothing"] == 0.1
 
 
 @pytest.mark.parametrize("settings", [{}, {"teacher": "/t/best.pt", "distill_weight": 0.0}])
