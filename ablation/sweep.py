@@ -43,7 +43,18 @@ def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str,
     params = config.get("parameters")
     if not isinstance(params, dict):
         return config  # a misshapen file: validate_sweep names its problem, which a fixed setting must not hide
-    return {**config, "parameters": {**params, **fixed}}
+    merged = {**params, **fixed}
+    # A bad value typed on the command line is a usage error (ConfigError), not a problem of the file (SweepError).
+    beside = {
+        n: spec["value"]
+        for n, spec in merged.items()
+        if n in FIELD_TYPES and isinstance(spec, dict) and "value" in spec
+    }
+    for name, spec in fixed.items():
+        problems = _value_problems(name, spec, None, beside)
+        if problems:
+            raise ConfigError(problems[0])
+    return {**config, "parameters": merged}
 
 
 def missing_teachers(config: dict[str, Any]) -> list[str]:

@@ -125,6 +125,8 @@ def test_sweep_create_fixes_settings_from_the_command_line(tmp_path: Path) -> No
         ([], "teacher /path/to/teachers/resnet20/RUN_ID/best.pt is not a file: every run would fail; give"),
         (["techer=/t/best.pt"], "unknown parameter 'techer' (did you mean 'teacher'?)"),
         (["epochs=abc"], "epochs='abc' is not a valid int"),
+        (["epochs=0"], "parameter 'epochs': epochs=0 is out of range; it must be >= 1"),
+        (["preset=best_teacher", "distill_weight=0"], "preset=best_teacher distils from a teacher"),
         (["teacher"], "cannot read 'teacher': write settings as key=value"),
     ],
 )
