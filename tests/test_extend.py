@@ -295,7 +295,10 @@ def test_compare_refuses_sweeps_that_are_not_like_for_like(tmp_path: Path) -> No
     write_bundle(short, tmp_path / "short.json")
     for sources, message in [
         ((confirm / "long.json", factor), "--compare compares one-recipe sweeps"),
-        ((confirm / "search_confirm.json", tmp_path / "short.json"), "same epochs (search_confirm: 100, long: 20)"),
+        (
+            (confirm / "search_confirm.json", tmp_path / "short.json"),
+            "same epochs (search_confirm (2115946f): 100, long (c3fff9cd): 20)",  # named by id: names may repeat
+        ),
         ((confirm / "long.json",), "--compare needs two or more sweeps"),
     ]:
         result = lenet("report", *sources, "--compare", "--out", tmp_path / "r")
