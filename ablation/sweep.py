@@ -45,16 +45,21 @@ def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str,
         return config  # a misshapen file: validate_sweep names its problem, which a fixed setting must not hide
     merged = {**params, **fixed}
     # A bad value typed on the command line is a usage error (ConfigError), not a problem of the file (SweepError).
-    beside = {
-        n: spec["value"]
-        for n, spec in merged.items()
-        if n in FIELD_TYPES and isinstance(spec, dict) and "value" in spec
-    }
     for name, spec in fixed.items():
-        problems = _value_problems(name, spec, None, beside)
+        problems = _value_problems(name, spec, None, fixed_values(merged))
         if problems:
             raise ConfigError(problems[0])
     return {**config, "parameters": merged}
+
+
+def fixed_values(params: dict[str, Any]) -> dict[str, Any]:
+    """The settings a sweep fixes to one value for every run (`{value: x}` specs): a value valid only beside them
+    (preset=best_teacher needs a teacher) is valid."""
+    return {
+        n: spec["value"]
+        for n, spec in params.items()
+        if n in FIELD_TYPES and isinstance(spec, dict) and "value" in spec
+    }
 
 
 def missing_teachers(config: dict[str, Any]) -> list[str]:
@@ -125,8 +130,7 @@ def parameter_problems(config: dict[str, Any]) -> list[str]:
     """Unknown or nested parameters, invalid values, empty grids, and a metric we never log."""
     problems = []
     params = config["parameters"]
-    # One value per run for these: a value valid only beside them (preset=best_teacher needs a teacher) is valid.
-    fixed = {n: spec["value"] for n, spec in params.items() if n in FIELD_TYPES and "value" in spec}
+    fixed = fixed_values(params)
     for name, spec in params.items():
         if "parameters" in spec:
             problems.append(f"parameter {name!r} is nested; W&B's grid search drops nested values, use flat names")
