@@ -163,6 +163,10 @@ BAD_SWEEPS = {
         "optimizer='lion' is not valid",
     ),
     "empty grid": ("method: grid\nparameters: {lr: {values: []}}\n", "empty values list"),
+    "values that clash": (
+        "method: grid\nparameters: {teacher_logits: {values: [online, precomputed]}, cutout: {values: [0, 8]}}\n",
+        "1 of 4 parameter combinations fail (teacher_logits=precomputed cutout=8): teacher_logits=precomputed holds",
+    ),
 }
 
 

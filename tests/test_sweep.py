@@ -66,6 +66,11 @@ def test_every_study_cell_has_three_seeds(path: Path) -> None:
         (grid(activation=["relu", "swish"]), "activation='swish' is not valid"),
         (grid(lr=[]), "empty values list"),
         (grid(lr=[-1.0]), "out of range"),
+        (
+            grid(arch=["lenet5", "resnet8"], dropout=[0.0, 0.5], seed=[0, 1]),
+            r"2 of 8 parameter combinations fail \(arch=resnet8 dropout=0.5 seed=0, arch=resnet8 dropout=0.5 seed=1\): "
+            r"dropout is on LeNet-5's hidden fc layers",
+        ),
         ({**grid(lr=[0.1]), "metric": {"name": "accuracy", "goal": "maximize"}}, "metric 'accuracy' is never logged"),
         ({"method": "grid", "parameters": {"opt": {"parameters": {"lr": {"values": [0.1]}}}}}, "nested"),
         ({"method": "grid", "parameters": {"lr": {"min": 0.01, "max": 0.1}}}, "continuous range"),
