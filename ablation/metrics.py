@@ -34,6 +34,9 @@ TEACHER_EPOCHS = "teacher/epochs"
 TEACHER_VAL_ACC = "teacher/val_acc"
 TEACHER_TEST_ACC = "teacher/test_acc"
 TEACHER_TRAIN_S = "teacher/train_s"  # the teacher's own training time (s)
+# Computing its view table of precomputed logits (s): once per teacher, data and precision, shared by the runs that
+# read it (their own set-up time, TEACHER_S, is then only reading it).
+TEACHER_TABLE_S = "teacher/table_s"
 TEACHER_S = "time/teacher_s"  # the student's set-up time for its teacher (s): loading it, its view table
 
 # Metrics a sweep may optimise: logged every epoch, or written once in the summary.

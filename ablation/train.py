@@ -50,6 +50,7 @@ from ablation.metrics import (
     TEACHER_EPOCHS,
     TEACHER_PARAMS,
     TEACHER_S,
+    TEACHER_TABLE_S,
     TEACHER_TEST_ACC,
     TEACHER_TRAIN_S,
     TEACHER_VAL_ACC,
@@ -259,29 +260,35 @@ def cached_view_table(
     cache = path.with_name(f"{path.name}.views-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     device = train_b.images.device
     with _file_lock(cache.with_suffix(".lock"), stop_now) as locked:
-        table = _read_table(cache, device) if locked else None
+        table, seconds = _read_table(cache, device) if locked else (None, None)
         computed = locked and table is None
         if computed:
+            tick = time.perf_counter()
             table = view_table(teacher, train_b, stop_now)
+            seconds = time.perf_counter() - tick
         if table is None:
             return False
         if computed:
             buffer = io.BytesIO()
-            torch.save({"table": table.cpu()}, buffer)
+            torch.save({"table": table.cpu(), "seconds": seconds}, buffer)
             with suppress(OutputError):  # a read-only folder or full disk only means computing it again next time
                 write_bytes(cache, buffer.getvalue(), "teacher view table")
     views = reachable_views(train_b.augment)
     columns = torch.full((VIEWS,), -1, dtype=torch.int64)
     columns[views] = torch.arange(len(views))
     teacher.table, teacher.columns = table, columns.to(device)
+    if seconds is not None:  # tables written before their cost was recorded have none
+        teacher.facts[TEACHER_TABLE_S] = seconds
     return True
 
 
-def _read_table(path: Path, device: torch.device) -> torch.Tensor | None:
+def _read_table(path: Path, device: torch.device) -> tuple[torch.Tensor | None, float | None]:
+    """A stored view table and the seconds it took to compute; (None, None) when it must be computed."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)["table"]
+        payload = torch.load(path, map_location=device, weights_only=True)
     except Exception:  # missing, or damaged (a crash cannot leave a partial file; a disk error can): recompute
-        return None
+        return None, None
+    return payload["table"], payload.get("seconds")
 
 
 @contextmanager

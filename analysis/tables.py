@@ -407,8 +407,9 @@ def sweep_comparison(
 
 
 def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per teacher a sweep's runs distilled from: its size, epochs, accuracy and training time, and the
-    set-up time each student paid for it (loading it, or computing/reading its view table); empty without one."""
+    """One row per teacher a sweep's runs distilled from: its size, epochs, accuracy and training time, the time its
+    view table took (once, shared by the students), and the set-up time each student paid for it (loading it, or
+    computing/reading its view table); empty without one."""
     if metrics.TEACHER_ARCH not in runs:
         return pd.DataFrame()
     rows = []
@@ -422,11 +423,17 @@ def teacher_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "val acc %": _number(first.get(metrics.TEACHER_VAL_ACC)),
                 "test acc %": _number(first.get(metrics.TEACHER_TEST_ACC)),
                 "training time (min)": _number(_minutes(first.get(metrics.TEACHER_TRAIN_S)), 1),
+                "view table (min)": _number(_minutes(_largest(group, metrics.TEACHER_TABLE_S)), 1),
                 "students": len(group),
                 "set-up per student (s, mean)": _number(group[metrics.TEACHER_S].mean(), 0),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _largest(runs: pd.DataFrame, column: str) -> float | None:
+    """The largest number in a column (the one run that computed a shared table records its cost); None if absent."""
+    return pd.to_numeric(runs[column], errors="coerce").max() if column in runs else None
 
 
 def _minutes(seconds: Any) -> float:

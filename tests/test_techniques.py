@@ -331,6 +331,7 @@ def test_a_distilled_run_records_its_teachers_cost_and_accuracy(batches_dir: Pat
     (row,) = table.to_dict("records")  # the run without a teacher adds no row
     assert row["teacher"] == "lenet5 (run teacher)" and row["students"] == 1
     assert row["test acc %"] == f"{taught['test/acc']:.2f}" and row["epochs"] == 2
+    assert row["view table (min)"] == "–"  # online teacher logits: no table was computed
     (tmp_path / "teacher" / "last.pt").unlink()  # the teacher's finished run left no last.pt: unknown, not invented
     bare = train(student, MemoryLogger())
     assert math.isnan(bare["teacher/test_acc"]) and bare["teacher/val_acc"] == taught["best/val_acc"]
@@ -371,6 +372,7 @@ def test_teacher_logits_are_looked_up_for_the_exact_augmented_views(batches_dir:
     assert again is not None
     cached_view_table(config, dataset, again, train_b)
     assert torch.equal(again.table, loaded.table) and cache.stat().st_mtime_ns == written  # read, not recomputed
+    assert again.facts["teacher/table_s"] == loaded.facts["teacher/table_s"] > 0  # its cost travels with the file
     values = {"epochs": 2, "teacher": str(teacher), "teacher_logits": "precomputed", "pad": pad}
     tabled = numbers(*run(batches_dir, **values))
     assert tabled == numbers(*run(batches_dir, **values))
