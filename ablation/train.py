@@ -221,12 +221,18 @@ class Teacher:
         return self.table[idx, self.columns[view]]
 
 
-def view_table(teacher: Teacher, train_b: Batches, stop_now: Callable[[], bool] | None = None) -> torch.Tensor | None:
+def view_table(
+    teacher: Teacher,
+    train_b: Batches,
+    stop_now: Callable[[], bool] | None = None,
+    views: list[int] | None = None,
+) -> torch.Tensor | None:
     """The teacher's logits of every training image in every view its `augment` mode can produce (crop offset x
     mirror: up to 162): N x views x classes, so a run without cutout/mixup/cutmix looks up the logits of its exact
-    augmented batch instead of running the teacher at every step. None when `stop_now` cut it short."""
+    augmented batch instead of running the teacher at every step. None when `stop_now` cut it short. `views` (a
+    subset of those ids) times a part of it (scripts/teacher_precision.py)."""
     n, device = len(train_b.labels), train_b.images.device
-    views = reachable_views(train_b.augment)
+    views = reachable_views(train_b.augment) if views is None else views
     table: torch.Tensor | None = None
     for column, view in enumerate(views):
         for start in range(0, n, EVAL_BATCH):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ablation.config import RunConfig
-from ablation.data import load_dataset, reachable_views, take_views, view_params
-from ablation.train import EVAL_BATCH, load_teacher, prepare
+from ablation.data import load_dataset, reachable_views
+from ablation.train import EVAL_BATCH, load_teacher, prepare, view_table
 
 
 def main(checkpoint: str, data_dir: str, threads: int = 2, views: int = 2) -> None:
@@ -33,11 +33,7 @@ def main(checkpoint: str, data_dir: str, threads: int = 2, views: int = 2) -> No
         assert teacher is not None
         n = len(train_b.labels)
         tick = time.perf_counter()
-        for view in reachable_views(train_b.augment)[:views]:
-            for start in range(0, n, EVAL_BATCH):
-                idx = torch.arange(start, min(n, start + EVAL_BATCH))
-                x = take_views(train_b.images, idx, *view_params(view, len(idx), idx.device), train_b.fill)
-                teacher.logits(train_b.normalise(x))
+        view_table(teacher, train_b, views=reachable_views(train_b.augment)[:views])
         rate = views * n / (time.perf_counter() - tick)
         starts = range(0, len(val_b.labels), EVAL_BATCH)
         out[precision] = torch.cat([teacher.logits(val_b.normalise(val_b.images[s : s + EVAL_BATCH])) for s in starts])
