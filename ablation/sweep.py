@@ -48,8 +48,9 @@ def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str,
         return config  # a misshapen file: validate_sweep names its problem, which a fixed setting must not hide
     merged = {**params, **fixed}
     # A bad value typed on the command line is a usage error (ConfigError), not a problem of the file (SweepError).
+    beside = fixed_values(merged)
     for name, spec in fixed.items():
-        problems = _value_problems(name, spec, None, fixed_values(merged))
+        problems = _value_problems(name, spec, None, beside)
         if problems:
             raise ConfigError(problems[0])
     return {**config, "parameters": merged}
