@@ -32,8 +32,11 @@ def load_sweep_file(path: Path, settings: dict[str, str] | None = None) -> dict[
     if settings:
         config = with_settings(config, settings)
     validate_sweep(config)
-    question = leading_comment(Path(path).read_text())
-    return {**config, "description": config.get("description", question)} if question else config
+    question = config.get("description", leading_comment(Path(path).read_text()))
+    if settings:  # the file's question may name a value the command line replaced (its teacher, say): reports say so
+        fixed = " ".join(f"{name}={value}" for name, value in settings.items())
+        question = f"{question} (Created with {fixed}, replacing the file's values.)".strip()
+    return {**config, "description": question} if question else config
 
 
 def with_settings(config: dict[str, Any], settings: dict[str, str]) -> dict[str, Any]:

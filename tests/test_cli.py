@@ -117,6 +117,9 @@ def test_sweep_create_fixes_settings_from_the_command_line(tmp_path: Path) -> No
     params = stored["config"]["parameters"]
     assert params["teacher"] == {"value": str(teacher)} and params["epochs"] == {"value": 5}
     assert params["distill_weight"] == {"values": [0.5, 0.9]}
+    # The file's question names its own values; the reports' copy says which ones the command line replaced.
+    created = f"(Created with teacher={teacher} epochs=5, replacing the file's values.)"
+    assert stored["config"]["description"].endswith(created)
 
 
 @pytest.mark.parametrize(
