@@ -18,12 +18,13 @@ from typing import Any
 import pandas as pd
 
 from ablation.errors import SweepError
+from ablation.metrics import BEST_VAL_ACC
 from ablation.sweep import grid_size, grid_values, plain
 from analysis.results import Results
 from analysis.stats import EQUIVALENCE, INCONCLUSIVE, LOOKS, alpha_of_look, check, next_look
-from analysis.tables import VAL, counted, current_look, effect_tables, factors, fit_table, levels, variant_name
+from analysis.tables import counted, current_look, effect_tables, factors, fit_table, levels, variant_name
 
-DECIDES = VAL  # the metric whose verdicts decide where seeds go: best/val_acc (the sweep's metric, val accuracy)
+DECIDES = BEST_VAL_ACC  # the metric whose verdicts decide where seeds go (the sweep's metric: val accuracy)
 IN_FLIGHT = ("pending", "running")
 EXTENDED, RESOLVED, CAP = "extended", "resolved", "cap"
 

@@ -39,8 +39,8 @@ from analysis.stats import (
 )
 
 CONFIDENCE = 0.95
+ACCURACIES = (BEST_VAL_ACC, TEST_ACC)  # every comparison is fitted on both: val decides, test is reported
 CONVERGENCE = 60  # report epochs to reach this val accuracy (%)
-VAL, TEST = BEST_VAL_ACC, TEST_ACC
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int, float]:
@@ -216,7 +216,7 @@ def effects(
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     rows = []
     for t in effect_tables(config, runs):
-        fits = {m: fit_table(counted(t.block), t.factor, t.order, m, t.pairs, equivalence, alpha) for m in (VAL, TEST)}
+        fits = {m: fit_table(counted(t.block), t.factor, t.order, m, t.pairs, equivalence, alpha) for m in ACCURACIES}
         for level in t.shown:
             rows.append(_effect_row(t.factor, t.order.index(level), t.order, t.others, t.context, t.block, fits))
     return pd.DataFrame(rows)
@@ -253,7 +253,7 @@ def _effect_row(
 ) -> dict[str, Any]:
     group = block[block[factor] == order[i]]
     ok = counted(group)
-    val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST] if TEST in ok else pd.Series(dtype=float))
+    val, test = mean_ci(ok[BEST_VAL_ACC]), mean_ci(ok[TEST_ACC] if TEST_ACC in ok else pd.Series(dtype=float))
     reached = ok[epochs_to(CONVERGENCE)].dropna() if epochs_to(CONVERGENCE) in ok else pd.Series(dtype=float)
     row = {
         "factor": factor,
@@ -266,17 +266,17 @@ def _effect_row(
         "test_acc": test[0],
         "test_acc_ci": test[3],
     }
-    for name, fit, n in (("val", fits[VAL], val[2]), ("test", fits[TEST], test[2])):
+    for name, fit, n in (("val", fits[BEST_VAL_ACC], val[2]), ("test", fits[TEST_ACC], test[2])):
         row.update(_comparison_cells(name, fit, i, n))
     return {
         **row,
         f"epochs_to_{CONVERGENCE}": reached.mean() if len(reached) else math.nan,
         f"reached_{CONVERGENCE}": f"{len(reached)}/{len(ok)}",
         "gap": mean_ci(ok[GAP_TRAIN_VAL])[0] if GAP_TRAIN_VAL in ok else math.nan,
-        "model": "level + seed" if fits[VAL].blocked else "level",
-        "comparisons": len(fits[VAL].comparisons),
-        "equivalence": fits[VAL].equivalence,
-        "alpha": fits[VAL].alpha,
+        "model": "level + seed" if fits[BEST_VAL_ACC].blocked else "level",
+        "comparisons": len(fits[BEST_VAL_ACC].comparisons),
+        "equivalence": fits[BEST_VAL_ACC].equivalence,
+        "alpha": fits[BEST_VAL_ACC].alpha,
     }
 
 
@@ -317,7 +317,7 @@ def step_gains(
     runs = counted(results.runs[results.runs["sweep_id"] == sweep_id])
     order = [v for v in levels(config, factor, runs) if (runs[factor] == v).any()]
     pairs = [(i + 1, i) for i in range(len(order) - 1)]
-    val, test = (fit_table(runs, factor, order, m, pairs, equivalence, alpha) for m in (VAL, TEST))
+    val, test = (fit_table(runs, factor, order, m, pairs, equivalence, alpha) for m in ACCURACIES)
     return pd.DataFrame(
         [
             {
@@ -384,11 +384,11 @@ def sweep_comparison(
             f"{results.sweeps[i]['name']} ({i}): {'/'.join(str(int(e)) for e in v) or '–'}" for i, v in epochs.items()
         )
         raise ConfigError(f"--compare needs sweeps trained for the same epochs ({shown}); compare like with like")
-    fits = {m: fit_table(runs, "sweep_id", list(sweep_ids), m, None, equivalence, alpha) for m in (VAL, TEST)}
+    fits = {m: fit_table(runs, "sweep_id", list(sweep_ids), m, None, equivalence, alpha) for m in ACCURACIES}
     rows = []
     for i, sweep_id in enumerate(sweep_ids):
         ok = runs[runs["sweep_id"] == sweep_id]
-        val, test = mean_ci(ok[VAL]), mean_ci(ok[TEST])
+        val, test = mean_ci(ok[BEST_VAL_ACC]), mean_ci(ok[TEST_ACC])
         arm = f" {control}" if control is not None and i == 0 else ""
         row = {
             "sweep": f"{results.sweeps[sweep_id]['name']} ({sweep_id}){arm}",
@@ -397,7 +397,7 @@ def sweep_comparison(
             "val acc % (95% CI)": signed(val[0], val[3]).lstrip("+"),
             "test acc % (95% CI)": signed(test[0], test[3]).lstrip("+"),
         }
-        for name, fit in (("val", fits[VAL]), ("test", fits[TEST])):
+        for name, fit in (("val", fits[BEST_VAL_ACC]), ("test", fits[TEST_ACC])):
             found = next((c for c in fit.comparisons if c.pair[0] == i), None)
             row[f"Δ {name} vs baseline"] = "–" if found is None else signed(found.diff, found.half_width)
             row[f"verdict ({name})"] = BASELINE if found is None else found.verdict
