@@ -34,8 +34,9 @@ def load_sweep_file(path: Path, settings: dict[str, str] | None = None) -> dict[
     validate_sweep(config)
     question = config.get("description", leading_comment(Path(path).read_text()))
     if settings:  # the file's question may name a value the command line replaced (its teacher, say): reports say so
-        fixed = " ".join(f"{name}={value}" for name, value in settings.items())
-        question = f"{question} (Created with {fixed}, replacing the file's values.)".strip()
+        fixed = " ".join(f"{name}={config['parameters'][name]['value']}" for name in settings)
+        note = f"(Created with {fixed}, replacing the file's values.)"
+        question = question if question.endswith(note) else f"{question} {note}".strip()
     return {**config, "description": question} if question else config
 
 

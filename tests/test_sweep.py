@@ -42,6 +42,16 @@ def test_every_sweep_file_is_valid(path: Path) -> None:
     assert config["command"] == ["lenet", "train", "${args_no_hyphens}"]
 
 
+def test_settings_fixed_at_creation_are_named_in_the_question(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**grid(epochs=20, seed=[0, 1]), "description": "Q?"}))
+    config = load_sweep_file(path, {"epochs": "05"})
+    note = "(Created with epochs=5, replacing the file's values.)"  # the value as stored, not as typed
+    assert config["description"] == f"Q? {note}" and config["parameters"]["epochs"] == {"value": 5}
+    path.write_text(yaml.safe_dump(config))  # created again with the same setting: named once
+    assert load_sweep_file(path, {"epochs": "5"})["description"] == f"Q? {note}"
+
+
 def test_a_value_valid_beside_the_sweeps_fixed_settings_is_valid() -> None:
     validate_sweep(grid(preset="best_teacher", teacher="/t/best.pt", seed=[0, 1]))  # the preset needs a teacher
     with pytest.raises(SweepError, match="parameter 'preset': preset=best_teacher distils from a teacher"):
