@@ -173,8 +173,9 @@ def packed(pack: list[RunConfig], folder: Path, **kwargs: object) -> tuple[list[
 # Without batch norm, ReLU + max-pool after 20 steps at lr 0.05-0.1 turn float32 rounding into a few changed
 # max-pool choices (measured: 1.1e-3 relative on one bias); the float64 tests above show the updates are the same.
 # RMSprop divides by sqrt(v), which is near 0 in the first steps and so magnifies rounding: 3.9e-4 measured on an
-# AVX-512 AMD EPYC (the other packs stay below 1e-4 there); the kernels, hence the rounding, vary with the CPU.
-FLOAT32_RTOL = {"anchor": 1e-2, "rmsprop": 2e-3}
+# AVX-512 AMD EPYC (the other packs stay below 1e-4 there); the kernels, hence the rounding, vary with the CPU:
+# on an Intel Xeon the SGD pack's fastest member (lr 0.1) ends 8.9e-4 from its standalone run (one bias).
+FLOAT32_RTOL = {"anchor": 1e-2, "rmsprop": 2e-3, "sgd": 2e-3}
 
 
 @pytest.mark.parametrize("name", PACKS)
@@ -200,8 +201,8 @@ SUMMARY_EXACT = ("state", "epochs_run", "best_epoch", "best/val_acc", "final/val
 # float32 rounding (other kernels, other summation orders) can flip a max-pool or ReLU choice: measured on
 # SGD_PACK[1] over 2 epochs, standalone train() ends 6.7e-4 (relative, weights) from the float64 truth while the
 # pack ends 1.1e-6 from it; the summaries' losses then differ by up to 1.5e-4 there, and by 1.2e-3 (best/val_loss
-# of an SGD pack member resumed standalone) on an AVX-512 AMD EPYC, whose kernels round differently.
-LOSS_RTOL = 5e-3
+# of an SGD pack member resumed standalone) on an AVX-512 AMD EPYC, and by 5.7e-3 (test/loss) on an Intel Xeon.
+LOSS_RTOL = 1e-2
 
 
 def assert_same_run(fused: dict, alone: dict, fused_log: MemoryLogger, alone_log: MemoryLogger) -> None:
