@@ -607,7 +607,7 @@ def agent(
         typer.Option(
             min=1,
             help="Local sweeps: runs each worker trains at once as one fused pack (compatible runs only; each stays "
-            "its own run). Default: 16 on a GPU, 1 on CPU (where packs are slower).",
+            "its own run). Default: 64 on a GPU, 1 on CPU (where packs are slower).",
         ),
     ] = None,
 ) -> None:
