@@ -33,9 +33,10 @@ POLL_S = 2.0  # how often a worker with nothing to claim looks again while other
 INTERRUPTED = "agent interrupted; requeued to resume from its last checkpoint"  # the store's reason for a stop
 MAX_REPLACEMENTS = 3  # new processes per worker slot after unexpected deaths (a crash loop must end)
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies (Linux)
-# Default pack size on a GPU: a LeNet-5 step is launch-bound, so K members cost about one step. Not yet measured
-# on a GPU (see docs/benchmarks.md); on CPU packs measured slower than one run at a time, so the default there is 1.
-GPU_PACK = 64  # runs per pack on a GPU: 20 model-epochs/s at 64 vs 11 at 16 on one H200 (docs/benchmarks.md)
+# Default pack size on a GPU: a LeNet-5 step is launch-bound, so K members cost little more than one step (one
+# H200: 20 model-epochs/s at K=64 against 11 at 16; docs/benchmarks.md). On CPU packs measured slower than one run
+# at a time, so the default there is 1.
+GPU_PACK = 64
 STOP_GRACE_S = 30.0  # how long stopped workers may take to requeue their runs before they are killed
 
 

@@ -9,8 +9,9 @@
 #   device/cifar10-jpg.tar.gz, .whl/ (wheels of `sweeps` and its needs that the machine lacks)
 # Every worker shares the one GPU (--gpus 0,0,...): a LeNet step is launch-bound, so one process uses a
 # fraction of the GPU; but processes sharing a GPU are time-sliced, so a few workers with large packs train
-# more than many one-run workers (session 13: 8.5 against 5.6 model-epochs/s). With BENCH_S > 0, scripts/gpu_bench.sh runs first within BENCH_S seconds (the fused
-# benchmark's GPU figures), and the pack size K is the fastest pack it measured (FUSE=1 if packs failed).
+# more than many one-run workers (session 13: 8.5 against 5.6 model-epochs/s). With BENCH_S > 0,
+# scripts/gpu_bench.sh runs first within BENCH_S seconds (the fused benchmark's GPU figures), and the pack size
+# is the fastest pack it measured, at most $FUSE (1 if packs failed).
 # At $DEADLINE seconds all agents get SIGINT: unfinished runs are requeued with their last.pt, which comes
 # back in $OUT/checkpoints*.tar so `lenet agent` can finish them elsewhere (CPU too).
 # Results (at most 8 files): lenet.db, checkpoints0-2.tar, logs.tar (agent, benchmark and GPU-load logs),
@@ -57,7 +58,7 @@ if [ "$BENCH_S" -gt 0 ]; then
     FUSE=$(python3 -c "
 import re, sys
 rows = [line.split('|') for line in open(sys.argv[1]) if re.match(r'^\| \d+ \| [\d.]+ \|', line)]
-print(min(64, int(max(rows, key=lambda r: float(r[3]))[1])) if rows else 1)" "$LOGS/bench/fused.log" 2>/dev/null || echo 1)
+print(min($FUSE, int(max(rows, key=lambda r: float(r[3]))[1])) if rows else 1)" "$LOGS/bench/fused.log" 2>/dev/null || echo 1)
     log "benchmark done; agents fuse up to $FUSE runs per pack"
     [ "$FUSE" -gt 1 ] && SKIP_CHECK=1  # packs trained on the GPU: it works
 fi
@@ -123,15 +124,16 @@ for sweep in store.sweeps():
         keep = ["last.pt"] if run["state"] in ("pending", "running") else []
         keep += ["best.pt"] if keep_best and run["params"].get("epochs", 0) >= 50 else []
         files += [(run["started_at"] or 0, folder / name) for name in keep if (folder / name).exists()]
-tars, size, left_out = [], 15 << 20, 0
+tars, limit, left_out = [], 15 << 20, 0
 for _, path in sorted(files):
-    if not tars or tars[-1][1] + path.stat().st_size > size:
+    size = path.stat().st_size
+    if not tars or tars[-1][1] + size > limit:
         if len(tars) == 3:
             left_out += 1
             continue
         tars.append([tarfile.open(out / f"checkpoints{len(tars)}.tar", "w"), 0])
     tars[-1][0].add(path, arcname=f"runs/{path.parent.name}/{path.name}")
-    tars[-1][1] += path.stat().st_size
+    tars[-1][1] += size
 for tar, _ in tars:
     tar.close()
 print(f"{len(files) - left_out} checkpoints in {len(tars)} tar(s); {left_out} left out (their runs restart afresh)")
