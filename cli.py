@@ -52,18 +52,20 @@ class TerminalLogger:
     def __init__(self, progress: Progress, epochs: int) -> None:
         self.bar = progress
         self.epochs = epochs
-        self.task = progress.add_task("epoch 1", total=None, metrics="")
+        self.epoch = f"epoch 1/{epochs}"  # the bar's label between stages
+        self.task = progress.add_task(self.epoch, total=None, metrics="")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         text = (
             f"loss {metrics[TRAIN_LOSS]:.3f} acc {metrics[TRAIN_ACC]:.1f}% | val loss "
             f"{metrics[VAL_LOSS]:.3f} acc {metrics[VAL_ACC]:.1f}% | {metrics[THROUGHPUT]:,.0f} img/s"
         )
-        self.bar.update(self.task, description=f"epoch {min(step + 1, self.epochs)}/{self.epochs}", metrics=text)
+        self.epoch = f"epoch {min(step + 1, self.epochs)}/{self.epochs}"
+        self.bar.update(self.task, description=self.epoch, metrics=text)
         self.bar.console.print(f"epoch {step:>3}/{self.epochs}  {text}", highlight=False)
 
-    def progress(self, done: int, total: int) -> None:
-        self.bar.update(self.task, completed=done, total=total)
+    def progress(self, done: int, total: int, stage: str = "") -> None:
+        self.bar.update(self.task, completed=done, total=total, description=stage or self.epoch)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         pass

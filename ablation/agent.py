@@ -65,7 +65,7 @@ class StoreLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.store.log_epoch(self.run_id, step, metrics)
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -98,7 +98,7 @@ class CheckpointMirror:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._copy()
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:

@@ -10,11 +10,12 @@ from ablation.metrics import SUMMARIES
 
 
 class Logger(Protocol):
-    """What `train` calls: per-epoch metrics, per-batch progress, and the final summary."""
+    """What `train` calls: per-epoch metrics, progress (an epoch's batches, or a `stage` before the first epoch such
+    as the teacher's view table), and the final summary."""
 
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
-    def progress(self, done: int, total: int) -> None: ...
+    def progress(self, done: int, total: int, stage: str = "") -> None: ...
 
     def summary(self, metrics: dict[str, Any]) -> None: ...
 
@@ -25,7 +26,7 @@ class NullLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         pass
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -42,7 +43,7 @@ class MemoryLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.history.append({**metrics, "epoch": step})
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -59,9 +60,9 @@ class FanOut:
         for logger in self.loggers:
             logger.log(metrics, step)
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         for logger in self.loggers:
-            logger.progress(done, total)
+            logger.progress(done, total, stage)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         for logger in self.loggers:
@@ -78,7 +79,7 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**metrics, "epoch": step}, step=step)
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, stage: str = "") -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ from ablation.tracking import Logger
 
 EVAL_BATCH = 1024  # images per evaluation batch; memory only, results do not depend on it
 CLEAN_SUBSET = 5000  # training images (fixed by split_seed) whose clean accuracy is logged every epoch
+TABLE_STAGE = "teacher view table"  # the progress stage of computing it (counted in views)
 EMA_WARMUP = 10  # the EMA's decay is min(ema, (1 + n) / (EMA_WARMUP + n)) at update n (TensorFlow's num_updates)
 
 
@@ -226,11 +228,12 @@ def view_table(
     train_b: Batches,
     stop_now: Callable[[], bool] | None = None,
     views: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor | None:
     """The teacher's logits of every training image in every view its `augment` mode can produce (crop offset x
     mirror: up to 162): N x views x classes, so a run without cutout/mixup/cutmix looks up the logits of its exact
     augmented batch instead of running the teacher at every step. None when `stop_now` cut it short. `views` (a
-    subset of those ids) times a part of it (scripts/teacher_precision.py)."""
+    subset of those ids) times a part of it (scripts/teacher_precision.py); `progress(done, total)` after each view."""
     n, device = len(train_b.labels), train_b.images.device
     views = reachable_views(train_b.augment) if views is None else views
     table: torch.Tensor | None = None
@@ -244,6 +247,8 @@ def view_table(
             if table is None:
                 table = torch.empty(n, len(views), logits.shape[1], device=device)
             table[idx, column] = logits
+        if progress is not None:
+            progress(column + 1, len(views))
     assert table is not None
     return table
 
@@ -254,10 +259,11 @@ def cached_view_table(
     teacher: Teacher,
     train_b: Batches,
     stop_now: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> bool:
     """Fill `teacher.table` from a file next to the teacher checkpoint, computing and writing it (best effort,
-    atomically, one process at a time) when it is missing: the runs of a sweep share one table. False when
-    `stop_now` cut the wait or the computation short."""
+    atomically, one process at a time; `progress` as in `view_table`) when it is missing: the runs of a sweep share
+    one table. False when `stop_now` cut the wait or the computation short."""
     path = Path(config.teacher)
     stat = path.stat()
     key = f"{stat.st_size}|{stat.st_mtime_ns}|{dataset.name}|{config.split_seed}|{config.val_size}"
@@ -270,7 +276,7 @@ def cached_view_table(
         computed = locked and table is None
         if computed:
             tick = time.perf_counter()
-            table = view_table(teacher, train_b, stop_now)
+            table = view_table(teacher, train_b, stop_now, progress=progress)
             seconds = time.perf_counter() - tick
         if table is None:
             return False
@@ -571,7 +577,8 @@ def train(
     teacher = load_teacher(config, dataset, train_b, device)  # before seeding: building it draws initial weights
     tabled = True
     if teacher is not None and config.teacher_logits == "precomputed":
-        tabled = cached_view_table(config, dataset, teacher, train_b, stop_now)
+        shown = partial(logger.progress, stage=TABLE_STAGE)  # a table takes minutes on a CPU: say so
+        tabled = cached_view_table(config, dataset, teacher, train_b, stop_now, shown)
     teacher_s = time.perf_counter() - tick
     torch.manual_seed(config.seed)
     model = build_model(config, len(dataset.classes)).to(device, memory_format=memory_format(config))

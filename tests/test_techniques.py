@@ -22,6 +22,7 @@ from ablation.data import (
     fixed_subset,
     load_dataset,
     mix_batch,
+    reachable_views,
     sample_beta,
     split_train_val,
     tta_views,
@@ -31,6 +32,7 @@ from ablation.model import build_model, count_parameters
 from ablation.tracking import MemoryLogger
 from ablation.train import (
     CLEAN_SUBSET,
+    TABLE_STAGE,
     Trainer,
     WeightEma,
     cached_view_table,
@@ -338,6 +340,31 @@ def test_a_distilled_run_records_its_teachers_cost_and_accuracy(batches_dir: Pat
     assert teacher_table(pd.DataFrame([{**student.to_dict(), **bare}]))["test acc %"].tolist() == ["–"]
     stored = {**student.to_dict(), **bare, "teacher/test_acc": None, "teacher/train_s": None}  # a bundle's nulls
     assert teacher_table(pd.DataFrame([stored]))[["test acc %", "training time (min)"]].values.tolist() == [["–", "–"]]
+
+
+class StageLogger(MemoryLogger):
+    """A MemoryLogger that also keeps every progress call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, str]] = []
+
+    def progress(self, done: int, total: int, stage: str = "") -> None:
+        self.calls.append((done, total, stage))
+
+
+def test_computing_the_view_table_reports_its_progress_before_the_first_epoch(batches_dir: Path, teacher: Path) -> None:
+    config = config_for(batches_dir, epochs=1, teacher=str(teacher), teacher_logits="precomputed")
+    first = StageLogger()
+    train(config, first)
+    staged = [(done, total) for done, total, stage in first.calls if stage == TABLE_STAGE]
+    views = len(reachable_views(config.augment))
+    assert staged == [(i, views) for i in range(1, views + 1)]  # one step per view, ending at the total
+    assert first.calls[: len(staged)] == [(d, t, TABLE_STAGE) for d, t in staged]  # all before the first batch
+    assert {stage for _, _, stage in first.calls[len(staged) :]} == {""}  # then the epoch's batches
+    again = StageLogger()
+    train(config, again)
+    assert all(stage == "" for _, _, stage in again.calls)  # the table is read from its file: nothing to report
 
 
 def test_distillation_loss_is_the_scaled_kl_on_the_students_batch(batches_dir: Path, teacher: Path) -> None:
