@@ -23,6 +23,7 @@ from ablation.config import RunConfig, describe, load_config_file, parse_overrid
 from ablation.errors import Interrupted, LenetError
 from ablation.metrics import (
     BEST_VAL_ACC,
+    EPOCH_S,
     TEST_ACC,
     TEST_LOSS,
     THROUGHPUT,
@@ -447,7 +448,7 @@ def sweep_status(
         "  " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) if states else "  no runs yet", highlight=False
     )
     _print_best(runs)
-    _print_timing(runs, total)
+    _print_timing(store, runs, total)
     metric = config.get("metric", {}).get("name")
     varying = [k for k, spec in config["parameters"].items() if "value" not in spec]
     for run in runs:
@@ -522,14 +523,14 @@ def _print_best(runs: list[dict[str, Any]]) -> None:
         )
 
 
-def _print_timing(runs: list[dict[str, Any]], total: int | None) -> None:
+def _print_timing(store: Any, runs: list[dict[str, Any]], total: int | None) -> None:
     started = [r["started_at"] for r in runs if r["started_at"]]
     if not started:
         return
     ended = [r["ended_at"] for r in runs if r["ended_at"]]
     active = any(r["state"] == "running" for r in runs) or any(r["state"] == "pending" for r in runs)
     elapsed = (time.time() if active or not ended else max(ended)) - min(started)
-    durations = [r["ended_at"] - r["started_at"] for r in runs if r["ended_at"] and r["started_at"]]
+    durations = [_run_seconds(store, r) for r in runs if r["ended_at"] and r["started_at"]]
     line = f"  elapsed {elapsed / 60:.1f} min"
     workers = max(1, len({r["worker"] for r in runs if r["state"] == "running"}))
     if durations and total:
@@ -537,6 +538,13 @@ def _print_timing(runs: list[dict[str, Any]], total: int | None) -> None:
         minutes = remaining * sum(durations) / len(durations) / workers / 60
         line += f", about {minutes:.1f} min remaining ({remaining} runs, {workers} worker(s))"
     console.print(line, highlight=False)
+
+
+def _run_seconds(store: Any, run: dict[str, Any]) -> float:
+    """A finished run's training time: its epochs' seconds (a run resumed in another session or on another machine
+    also spent the hours in between pending, which its start-to-end time would count), else start to end."""
+    epochs = [h[EPOCH_S] for h in store.history(run["id"]) if h.get(EPOCH_S) is not None]
+    return sum(epochs) if epochs else run["ended_at"] - run["started_at"]
 
 
 @sweep_app.command("stop")

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -82,6 +83,19 @@ def test_agent_finishes_a_sweep_and_status_reports_it(folder_dir: Path, tmp_path
     assert sweep_id in listed.output and "4/4" in listed.output
     status = lenet("sweep", "status", sweep_id)
     assert "4 finished" in status.output and "activation=tanh seed=1" in status.output
+
+
+def test_status_estimates_the_time_left_from_epoch_times_not_from_gaps_between_sessions(
+    folder_dir: Path, tmp_path: Path
+) -> None:
+    sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=1))
+    assert lenet("agent", sweep_id, "--count", "2", "--wandb", "disabled").exit_code == 0
+    store = Store(Path(os.environ["LENET_HOME"]) / "lenet.db")
+    with sqlite3.connect(store.path) as db:  # as if both were started a day ago, then resumed after a session ended
+        db.execute("UPDATE runs SET started_at = started_at - 86400 WHERE state = 'finished'")
+    status = lenet("sweep", "status", sweep_id).output
+    minutes = float(status.split("about ")[1].split(" min remaining (2 runs")[0])
+    assert minutes < 5  # two 1-epoch runs on the tiny data: seconds each, not the days in between (2880 min)
 
 
 def test_one_agent_serves_several_sweeps_in_priority_order(folder_dir: Path, tmp_path: Path) -> None:
