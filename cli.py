@@ -622,7 +622,7 @@ def agent(
     ] = None,
 ) -> None:
     """Train the sweeps' runs until they are done (local engine or W&B)."""
-    from ablation.agent import plan_workers, run_agent
+    from ablation.agent import PACK_WORKERS_PER_GPU, crowded_gpus, plan_workers, run_agent
     from ablation.store import Store
     from ablation.tracking import wandb_mode
 
@@ -648,6 +648,14 @@ def agent(
         + f"{specs[0].threads} CPU thread(s) each"
         + (f", packs of up to {specs[0].fuse} runs" if specs[0].fuse > 1 else "")
     )
+    for gpu, n in crowded_gpus(specs).items():
+        err_console.print(
+            f"warning: {n} pack workers share GPU {gpu or 0}, which runs them in turns (14 made each pack ~10x "
+            f"slower); use at most {PACK_WORKERS_PER_GPU} per GPU, with larger packs (--fuse)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     run_agent(specs, agent_event)  # SIGTERM/Ctrl-C: workers stop, their runs are requeued, Interrupted says so
     for sweep_id in sweep_ids:
         runs = store.runs(sweep_id)

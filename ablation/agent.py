@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its p
 # H200: 20 model-epochs/s at K=64 against 11 at 16; docs/benchmarks.md). On CPU packs measured slower than one run
 # at a time, so the default there is 1.
 GPU_PACK = 64
+# Pack workers one GPU serves well: more processes are time-sliced, not run side by side (14 processes on one H200
+# made each pack ~10x slower than alone; docs/results/README.md, GPU share).
+PACK_WORKERS_PER_GPU = 4
 STOP_GRACE_S = 30.0  # how long stopped workers may take to requeue their runs before they are killed
 
 
@@ -428,6 +432,17 @@ def default_pack(gpus: list[str]) -> int:
     import torch
 
     return GPU_PACK if gpus or torch.cuda.is_available() else 1
+
+
+def crowded_gpus(specs: list[WorkerSpec], cuda: bool | None = None) -> dict[str, int]:
+    """GPUs given more than PACK_WORKERS_PER_GPU pack workers, with their count ("" = the visible GPU of workers
+    without --gpus, when `cuda`: default, whether torch sees one)."""
+    if cuda is None and any(s.gpu is None and s.fuse > 1 for s in specs):
+        import torch
+
+        cuda = torch.cuda.is_available()
+    shared = Counter(s.gpu or "" for s in specs if s.fuse > 1 and (s.gpu is not None or cuda))
+    return {gpu: n for gpu, n in shared.items() if n > PACK_WORKERS_PER_GPU}
 
 
 def run_agent(specs: list[WorkerSpec], on_event: Event) -> None:

@@ -250,6 +250,18 @@ def test_workers_split_cores_or_take_gpus_round_robin(tmp_path: Path) -> None:
     assert len({w.name for w in gpu}) == 3
 
 
+def test_more_pack_workers_than_a_gpu_serves_are_flagged(tmp_path: Path) -> None:
+    from ablation.agent import PACK_WORKERS_PER_GPU, crowded_gpus, plan_workers
+
+    n = PACK_WORKERS_PER_GPU + 1
+    plan = lambda gpus, fuse: plan_workers(["s"], tmp_path / "lenet.db", len(gpus) or n, gpus, None, "disabled", fuse)  # noqa: E731
+    assert crowded_gpus(plan(["0"] * n + ["1"], 64)) == {"0": n}  # GPU 1's one worker is fine
+    assert crowded_gpus(plan(["0"] * PACK_WORKERS_PER_GPU, 64)) == {}
+    assert crowded_gpus(plan(["0"] * n, 1)) == {}  # one-run workers: the many-processes recipe of docs/benchmarks.md
+    assert crowded_gpus(plan([], 64), cuda=False) == {}  # --fuse on a CPU machine: no GPU to crowd
+    assert crowded_gpus(plan([], 64), cuda=True) == {"": n}  # no --gpus: all on the one visible GPU
+
+
 SAME_IN_A_PACK = ("state", "epochs_run", "best_epoch", "best/val_acc", "test/acc")
 
 
