@@ -238,16 +238,13 @@ def settle(store: Store, run_ids: list[str], exc: BaseException, stop: StopReque
     # stop the worker. Anything else fails them, never the agent.
     if not isinstance(exc, Exception):  # KeyboardInterrupt (StopSignal is one), SystemExit: not a failed run
         if isinstance(exc, KeyboardInterrupt):
-            for run_id in run_ids:
-                store.requeue(run_id, INTERRUPTED)
+            store.requeue(run_ids, INTERRUPTED)
         raise exc
     if stop.signum is not None:
-        for run_id in run_ids:
-            store.requeue(run_id, INTERRUPTED)
+        store.requeue(run_ids, INTERRUPTED)
         raise StopSignal(stop.signum) from None
     if isinstance(exc, OutputError):
-        for run_id in run_ids:
-            store.requeue(run_id, f"requeued: {exc}")
+        store.requeue(run_ids, f"requeued: {exc}")
         which = f"run {run_ids[0]} was" if len(run_ids) == 1 else f"runs {', '.join(run_ids)} were"
         raise OutputError(f"{exc}; {which} requeued") from None
     message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
@@ -498,8 +495,7 @@ def supervise(specs: list[WorkerSpec], on_event: Event, store: Store, stop: Stop
 def after_death(store: Store, spec: WorkerSpec, exitcode: int, pid: int, replaced: int, on_event: Event) -> bool:
     """Requeue the runs of a worker that died and report it; returns whether to start a replacement."""
     lost = held_runs(store, spec.sweep_ids, {spec.name}, pid)
-    for run_id in lost:
-        store.requeue(run_id, f"worker died (exit code {exitcode}); requeued")
+    store.requeue(lost, f"worker died (exit code {exitcode}); requeued")
     again = replaced < MAX_REPLACEMENTS  # a crash loop must end
     replacement = f"{replaced + 1}/{MAX_REPLACEMENTS}" if again else None
     on_event("worker_died", {"worker": spec.name, "exitcode": exitcode, "requeued": lost, "replacement": replacement})
@@ -602,8 +598,7 @@ def requeue_held(store: Store, specs: list[WorkerSpec]) -> int:
     """Requeue the runs the agent's workers still hold; returns how many of their runs a stop requeued in all."""
     # A worker killed before it could requeue its run leaves it running; the count includes the workers' own.
     names = {spec.name for spec in specs}
-    for run_id in held_runs(store, specs[0].sweep_ids, names):
-        store.requeue(run_id, INTERRUPTED)
+    store.requeue(held_runs(store, specs[0].sweep_ids, names), INTERRUPTED)
     return sum(
         run["state"] == "pending" and run["worker"] in names and run["error"] == INTERRUPTED
         for sweep_id in specs[0].sweep_ids

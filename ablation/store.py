@@ -1029,12 +1029,14 @@ class Store:
                 (state, _json(summary) if summary is not None else None, error, time.time(), run_id),
             )
 
-    def requeue(self, run_id: str, reason: str) -> None:
-        """Hand a run back (its worker was interrupted); the next claim resumes it from its checkpoint."""
+    def requeue(self, run_ids: str | list[str], reason: str) -> None:
+        """Hand runs back (their worker was interrupted); the next claim resumes them from their checkpoints. A
+        pack's runs go back in one transaction, so no claim in between can take one of them alone."""
         with self.transaction() as db:
-            db.execute(
-                "UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id)
-            )
+            for run_id in [run_ids] if isinstance(run_ids, str) else run_ids:
+                db.execute(
+                    "UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id)
+                )
 
     def put_checkpoint(self, run_id: str, name: str, epoch: int, data: bytes) -> None:
         """Keep a copy of a run's checkpoint file `name` (best.pt, last.pt) in the store, replacing the last one."""

@@ -309,6 +309,17 @@ def test_a_run_keeps_its_config_through_resumes_and_a_retry_starts_afresh(
         assert fresh.attempt == 1 and fresh.config["lr"] == 0.5 and fresh.config["threads"] == 2
 
 
+def test_a_packs_runs_are_requeued_together_and_claimed_again_as_one_pack(tmp_path: Path) -> None:
+    with Store(tmp_path / "lenet.db") as store:
+        sweep_id = store.create_sweep(grid(preset="modern", seed=[0, 1, 2]), seed=0)
+        pack = store.claim_many(sweep_id, "a", 2)
+        store.requeue([c.run_id for c in pack], "interrupted")  # one transaction: no claim sees half of the pack
+        runs = {r["id"]: r for r in store.runs(sweep_id)}
+        assert all(runs[c.run_id]["state"] == "pending" and runs[c.run_id]["error"] == "interrupted" for c in pack)
+        again = store.claim_many(sweep_id, "b", 2)
+        assert [(c.run_id, c.attempt) for c in again] == [(c.run_id, 2) for c in pack]
+
+
 def test_editing_a_preset_relabels_no_trained_run(
     folder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
