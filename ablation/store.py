@@ -20,7 +20,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -284,7 +284,7 @@ def schema_version(db: sqlite3.Connection, path: Path) -> int:
     return version
 
 
-UNLOCKED_READS = 3  # tries at reading a store without locks before a failure counts (see check_file)
+UNLOCKED_READS = 4  # reads of a store without locks that must all fail before a failure counts (see check_file)
 HEADERS: dict[tuple[int, int], int] = {}  # (device, inode) -> a descriptor kept open to read the store's header
 
 
@@ -318,18 +318,21 @@ def check_file(path: Path) -> int:
             f"{path} is not a SQLite file, so not a lenet sweep store; move it away or set LENET_HOME to another "
             f"folder (the file was not changed)"
         )
-    for attempt in range(UNLOCKED_READS):
+    quiet_failures = 0  # failed reads while the file did not change and no rollback journal stood beside it
+    for _ in range(UNLOCKED_READS):
         if os.path.exists(f"{path}-wal"):
             break
         # No -wal file: the store is this file alone, so read it as it stands (no locks, no -shm/-wal created
         # beside a foreign or damaged file); the answer counts if no other process wrote the file meanwhile. A
-        # write within one tick of the kernel's coarse mtime clock (~4 ms) leaves the stamp as it was, so a
-        # failed read is believed only when it repeats.
+        # write within one tick of the kernel's coarse mtime clock (~4 ms) leaves the stamp as it was (another
+        # process folding its migration back from the WAL can be caught half-way), so a failure is believed only
+        # when every read fails.
         before = _stamp(path)
         try:
             version = _inspect(path, immutable=True)
         except StoreError:
-            if _stamp(path) == before and attempt == UNLOCKED_READS - 1:
+            quiet_failures += _stamp(path) == before and not os.path.exists(f"{path}-journal")
+            if quiet_failures == UNLOCKED_READS:
                 raise
             time.sleep(0.05)  # s: past a concurrent migration's writes
             continue
@@ -349,6 +352,7 @@ def _inspect(path: Path, immutable: bool) -> int:
     try:
         db = _read_only(path, immutable)
         try:
+            db.execute("BEGIN")  # one snapshot: tables and user_version of one state, not either side of a migration
             problems = [r[0] for r in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise damaged(path, " ".join(" ".join(problems[:3]).split()))
@@ -601,7 +605,7 @@ class Store:
 
     def _pg_schema(self) -> None:
         """Create or migrate a PostgreSQL store's schema (one process at a time, under the store's lock)."""
-        if self._pg_version() < SCHEMA_VERSION:
+        if self._pg_snapshot_version() < SCHEMA_VERSION:
             with self.transaction() as db:
                 version = self._pg_version()  # again, under the lock: another process may have done it
                 steps = [PG_SCHEMA] if version == 0 else [PG_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)]
@@ -613,6 +617,18 @@ class Store:
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 else:
                     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+    def _pg_snapshot_version(self) -> int:
+        """_pg_version from one snapshot (its tables and meta row of one state, not either side of a migration)."""
+        try:
+            self.db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        except self.errors as exc:
+            raise self._failed(exc) from exc
+        try:
+            return self._pg_version()
+        finally:
+            with suppress(*self.errors):  # a broken connection: the error that broke it is the one to report
+                self.db.execute("ROLLBACK")
 
     def _pg_version(self) -> int:
         """A PostgreSQL store's schema version (0: an empty database), or a StoreError for one not ours or newer."""

@@ -263,6 +263,21 @@ def test_a_schema_4_database_is_migrated_in_place(postgres_db: str) -> None:
         assert conn.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
 
 
+def test_processes_opening_a_schema_4_database_at_once_migrate_it_once(postgres_db: str) -> None:
+    with Store(postgres_db) as store:
+        sweep_id = store.create_sweep(grid(seed=[0]), seed=0)
+    with psycopg.connect(postgres_db, autocommit=True) as conn:  # as the first PostgreSQL release left it
+        conn.execute("DROP TABLE checkpoints")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    opener = "import sys; from ablation.store import Store; Store(sys.argv[1]).close()"
+    command = [sys.executable, "-c", opener, postgres_db]
+    procs = [subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE) for _ in range(8)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 8, [p.stderr.read() for p in procs]
+    with Store(postgres_db) as store:
+        assert store.sweep(sweep_id)["state"] == "running"
+        store.put_checkpoint(store.claim(sweep_id, "w").run_id, "last.pt", 1, b"weights")  # the new table is there
+
+
 def test_processes_opening_a_new_database_at_once_create_the_schema_once(postgres_db: str) -> None:
     opener = "import sys; from ablation.store import Store; Store(sys.argv[1]).close()"
     procs = [subprocess.Popen([sys.executable, "-c", opener, postgres_db], cwd=ROOT) for _ in range(4)]
