@@ -407,11 +407,22 @@ def sweep_ls() -> None:
             sweep["backend"],
             sweep["config"]["method"],
             sweep["state"],
-            f"{done}/{len(runs)}",
+            f"{done}/{_planned_runs(store, sweep) or len(runs)}",  # a grid's runs are created as they are claimed
             time.strftime("%Y-%m-%d %H:%M", time.localtime(sweep["created_at"])),
         )
     console.print(table)
     _note_read_only(store)
+
+
+def _planned_runs(store: Any, sweep: dict[str, Any]) -> int | None:
+    """The runs a sweep will make: a grid's size plus the seeds `sweep extend` added, a search's run_cap (None:
+    a search without a cap runs until stopped)."""
+    from ablation.sweep import grid_size
+
+    config = sweep["config"]
+    if config["method"] != "grid":
+        return config.get("run_cap")
+    return grid_size(config) + sum(look["runs_added"] for look in store.looks(sweep["id"]))
 
 
 def _note_read_only(store: Any) -> None:
@@ -426,7 +437,6 @@ def sweep_status(
 ) -> None:
     """Runs per state, the best run so far, elapsed and estimated remaining time."""
     from ablation.store import Store, heartbeat_timeout, home
-    from ablation.sweep import grid_size
 
     store = Store(create=False)
     sweep = store.sweep(sweep_id)
@@ -437,8 +447,7 @@ def sweep_status(
         stale = run["state"] == "running" and (run["heartbeat_at"] or 0) < time.time() - heartbeat_timeout()
         key = "running (no heartbeat: will be requeued)" if stale else run["state"]
         states[key] = states.get(key, 0) + 1
-    added = sum(look["runs_added"] for look in store.looks(sweep_id))  # by `sweep extend`, past the grid's size
-    total = (grid_size(config) + added) if config["method"] == "grid" else config.get("run_cap")
+    total = _planned_runs(store, sweep)
     console.print(
         f"sweep [bold]{sweep_id}[/] {sweep['name'] or ''} ({sweep['backend']}, {config['method']}, {sweep['state']}): "
         f"{len(runs)} runs created" + (f" of {total}" if total else ""),

@@ -76,6 +76,7 @@ def test_local_runs_are_wandb_offline_runs(folder_dir: Path, tmp_path: Path) -> 
 
 def test_agent_finishes_a_sweep_and_status_reports_it(folder_dir: Path, tmp_path: Path) -> None:
     sweep_id = create(write_smoke(tmp_path, folder_dir, epochs=2))
+    assert "0/4" in lenet("sweep", "ls").output  # the grid's runs, though none is created before it is claimed
     result = lenet("agent", sweep_id, "--wandb", "disabled")
     assert result.exit_code == 0, result.output
     assert f"sweep {sweep_id}: 4 finished, 0 failed" in result.output
