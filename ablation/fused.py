@@ -619,20 +619,32 @@ class Pack:
             )
         if epochs == {0}:
             return 0
+        epoch = epochs.pop()
+        skipped: set[int] = set()
         for i, payload in enumerate(payloads):
             state = payload["resume"]
             self.model.load_member(i, payload["model"])
             self.trainer.optimizer.load_member(i, self.configs[i], self.model.member(i), state["optimizer"])
             self.trainer.optimizer.steps = state["scheduler"]["last_epoch"]
-            stream = self.streams[int(self.group[i])]
-            if state["data_rng"].numel() == stream.gen.get_state().numel():  # else saved on another device type
-                stream.gen.set_state(state["data_rng"])
+            g = int(self.group[i])
+            if state["data_rng"].numel() == self.streams[g].gen.get_state().numel():
+                self.streams[g].gen.set_state(state["data_rng"])
+            elif g not in skipped:  # saved on another device type: draw the epochs run, once per seed's stream
+                skip_epochs(self.streams[g], epoch)
+                skipped.add(g)
             self.records[i].load(state["record"])
             self.resume_states[i] = state
         torch.set_rng_state(payloads[0]["resume"]["torch_rng"])  # dropout draws from the pack's one stream
         if payloads[0]["resume"].get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payloads[0]["resume"]["cuda_rng"])
-        return epochs.pop()
+        return epoch
+
+
+def skip_epochs(stream: Batches, epochs: int) -> None:
+    """Draw `epochs` epochs' data order and crops from a pack's stream without training (packs do no mixing)."""
+    for _ in range(epochs):
+        for _ in stream.views():
+            pass
 
 
 def _asked(

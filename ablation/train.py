@@ -494,6 +494,12 @@ class Trainer:
             "record": record.dump(),
         }
 
+    def skip(self, epochs: int) -> None:
+        """Make the random draws (data order, crops, flips, cutout, mixing) of `epochs` epochs without training."""
+        for _ in range(epochs):
+            for x, y, _, _ in self.batches.views():
+                self.augment(x, y)
+
     def epoch(self) -> tuple[float, float, int] | None:
         """Train one epoch: (mean loss, accuracy %, images seen), or None when `stop_now` cut it short;
         stats are synced once, at the end."""
@@ -662,8 +668,9 @@ def restore(path: Path, config: RunConfig, trainer: Trainer, record: Record) -> 
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state["data_rng"].numel() == trainer.batches.gen.get_state().numel():
-        trainer.batches.gen.set_state(state["data_rng"])  # else saved on another device type: the data order
-        # continues from this generator's seed state (replays epoch 1's order); weights and optimiser are exact
+        trainer.batches.gen.set_state(state["data_rng"])
+    else:  # saved on another device type, whose generator this one cannot load: draw the epochs already run, so
+        trainer.skip(payload["epoch"])  # the order goes on as a run on this device type would have drawn it
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

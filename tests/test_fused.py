@@ -346,6 +346,23 @@ def test_a_pack_cut_short_resumes_exactly_as_one_pack(tiny_data: Path, tmp_path:
         assert resumed[i]["test/acc"] == whole[i]["test/acc"]
 
 
+def test_a_pack_saved_on_another_device_type_resumes_with_the_data_order_a_pack_here_draws(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    pack = configs(SGD_PACK[:2] + [{"optimizer": "momentum", "seed": 1}], tiny_data, epochs=4)
+    _, whole_logs = packed(pack, tmp_path / "whole")
+    loggers = [MemoryLogger() for _ in pack]
+    dirs = [tmp_path / "cut" / str(i) for i in range(len(pack))]
+    train_pack(pack, loggers, dirs, should_stop=lambda i: len(loggers[i].history) == 2)
+    for d in dirs:  # as if saved on a GPU: a generator state this device type cannot load
+        payload = torch.load(d / "last.pt", weights_only=True)
+        payload["resume"]["data_rng"] = torch.zeros(16, dtype=torch.uint8)
+        torch.save(payload, d / "last.pt")
+    _, resumed_logs = packed(pack, tmp_path / "cut", resume=True)
+    for i in range(len(pack)):
+        assert timeless(resumed_logs[i].history) == timeless(whole_logs[i].history[2:])
+
+
 def test_members_that_ended_different_epochs_cannot_resume_as_one_pack(tiny_data: Path, tmp_path: Path) -> None:
     pack = configs(SGD_PACK[:2], tiny_data, epochs=3)
     loggers = [MemoryLogger() for _ in pack]
