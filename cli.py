@@ -917,6 +917,15 @@ def report(
             "of the techniques study against a recipe trained on the same seeds.",
         ),
     ] = None,
+    tune: Annotated[
+        str | None,
+        typer.Option(
+            "--tune",
+            metavar="FACTOR",
+            help="Also compare every other factor's levels each at its own best value of FACTOR (picked on mean "
+            "val accuracy; test decides), e.g. --tune lr for each optimiser at its own best learning rate.",
+        ),
+    ] = None,
 ) -> None:
     """Tables (terminal, Markdown, CSV), plots and report.md from sweeps or bundles."""
     from ablation.errors import SweepError, TrackingError
@@ -924,7 +933,16 @@ def report(
     from ablation.tracking import wandb_logged_in
     from analysis.report import comparison_baseline, wandb_report, write_report
     from analysis.stats import check as check_verdict_args
-    from analysis.tables import effects, factors, format_effects, seed_table, sweep_comparison
+    from analysis.tables import (
+        check_tune,
+        effects,
+        factors,
+        format_effects,
+        format_tuned,
+        seed_table,
+        sweep_comparison,
+        tuned_effects,
+    )
 
     check_verdict_args(0.05, equivalence)  # a bad --equivalence is a usage error before any work
     if control is not None and not compare:
@@ -934,6 +952,7 @@ def report(
     results = load_results(sources)
     if results.runs.empty:
         raise SweepError(f"no runs in {', '.join(sources)}; run `lenet agent` first")
+    check_tune(results, tune)
     comparison = sweep_comparison(results, list(results.sweeps), equivalence, control=control) if compare else None
     writable_dir(out, "report folder", "pass --out a writable folder")  # before the tables: the error is all
     if comparison is not None:
@@ -961,10 +980,15 @@ def report(
                     ]
                 ],
             )
+        if tune in factors(meta["config"]):
+            tuned = format_tuned(tuned_effects(results, sweep_id, tune, equivalence), tune)
+            keep = ["factor", "context", "level", f"best {tune} (val)", "n", "Δ test vs baseline", "verdict (test)"]
+            _print_table(f"{meta['name']}: each at its own best {tune} (test decides)", tuned[keep])
     band = f" --equivalence {equivalence:g}" if equivalence != 0.5 else ""  # report.md's command re-creates it
     command = "lenet report " + " ".join(sources) + f" --out {out}{band}" + (" --compare" if compare else "")
     command += f" --control {control}" if control is not None else ""
-    path = write_report(results, out, sources, command, equivalence, compare, control)
+    command += f" --tune {tune}" if tune is not None else ""
+    path = write_report(results, out, sources, command, equivalence, compare, control, tune)
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
         built = _save_wandb_report(wandb_report(results, entity or None, project, equivalence))

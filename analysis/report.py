@@ -17,10 +17,12 @@ from analysis.results import COUNTED, Results
 from analysis.stats import ADJUSTMENT, EQUIVALENCE, LEGEND
 from analysis.tables import (
     best_configs,
+    check_tune,
     current_look,
     effects,
     factors,
     format_effects,
+    format_tuned,
     model_summary,
     search_table,
     seed_table,
@@ -28,6 +30,7 @@ from analysis.tables import (
     sweep_alpha,
     sweep_comparison,
     teacher_table,
+    tuned_effects,
 )
 
 
@@ -60,8 +63,11 @@ def file_stem(results: Results, sweep_id: str) -> str:
     return slug(f"{name}-{sweep_id}" if shared else name)
 
 
-def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float = EQUIVALENCE) -> list[str]:
-    """Markdown for one sweep: question, tables, plots; writes its CSV and PNG files into `out`."""
+def sweep_section(
+    results: Results, sweep_id: str, out: Path, equivalence: float = EQUIVALENCE, tune: str | None = None
+) -> list[str]:
+    """Markdown for one sweep: question, tables, plots; writes its CSV and PNG files into `out`. `tune`: a factor
+    also picked per level on val (tables.tuned_effects), when the sweep varies it."""
     meta = results.sweeps[sweep_id]
     name = file_stem(results, sweep_id)
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
@@ -108,6 +114,8 @@ def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float
             markdown(best_configs(results, sweep_id)),
             "",
         ]
+        if tune in factors(meta["config"]):
+            lines += tuned_section(results, sweep_id, out, name, tune, equivalence)
         if is_path_study(results, sweep_id):
             lines += [
                 "### Step by step (each technique added to the ones before it; Δ from the previous step, "
@@ -133,6 +141,23 @@ def sweep_section(results: Results, sweep_id: str, out: Path, equivalence: float
     return lines
 
 
+def tuned_section(results: Results, sweep_id: str, out: Path, name: str, tune: str, equivalence: float) -> list[str]:
+    """Markdown for `--tune`: every other factor's levels compared, each at its own best `tune` value."""
+    tuned = tuned_effects(results, sweep_id, tune, equivalence)
+    write_csv(tuned, out / f"{name}-tuned-{slug(tune)}.csv")
+    return [
+        f"### Each level at its own best {tune} (picked per level on mean val accuracy; a failed or diverged seed "
+        f"disqualifies its cell)",
+        "",
+        "The pick used these runs' validation accuracy, so Δ val is optimistic: **the test verdict decides here** "
+        "(each run's test set is evaluated once and never used to pick). One table (family) per factor and context, "
+        "as above, at the same α; the seed is a block where the picked cells share seeds.",
+        "",
+        markdown(format_tuned(tuned, tune)),
+        "",
+    ]
+
+
 def _plots(results: Results, sweep_id: str, out: Path, name: str, equivalence: float) -> list[str]:
     lines = [f"![effects]({effect_chart(results, sweep_id, out / f'{name}-effects.png', equivalence).name})", ""]
     for factor in factors(results.sweeps[sweep_id]["config"]):
@@ -155,13 +180,16 @@ def write_report(
     equivalence: float = EQUIVALENCE,
     compare: bool = False,
     control: str | None = None,
+    tune: str | None = None,
 ) -> Path:
     """report.md (+ CSV and PNG files) for every sweep in `results`; an unwritable `out` is one OutputError.
     `equivalence`: the band δ (accuracy points) inside which a difference is too small to matter; `compare`: the
     sweeps (one recipe each) are also compared as one table, each against the first (tables.sweep_comparison),
-    `control` ("name=value") narrowing the first to one level of its factor."""
+    `control` ("name=value") narrowing the first to one level of its factor; `tune`: a factor picked per level on
+    val in an extra table of each sweep that varies it (tables.tuned_effects)."""
     fix = "pass --out a writable folder"
     comparison = sweep_comparison(results, list(results.sweeps), equivalence, control=control) if compare else None
+    check_tune(results, tune)
     writable_dir(out, "report folder", fix)
     datasets = sorted({str(d) for d in results.runs.get("dataset", pd.Series(dtype=str)).dropna()})
     note = f"Dataset: {', '.join(datasets) or 'not recorded'}" + (
@@ -178,7 +206,7 @@ def write_report(
     if comparison is not None:
         write_csv(comparison, out / "comparison.csv", fix)
     for sweep_id in results.sweeps:
-        lines += sweep_section(results, sweep_id, out, equivalence)
+        lines += sweep_section(results, sweep_id, out, equivalence, tune)
     report = out / "report.md"
     write_text(report, "\n".join(lines) + "\n", "report", fix)
     return report

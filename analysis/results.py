@@ -31,6 +31,7 @@ from ablation.sweep import grid_size
 
 BUNDLE_FORMAT = "lenet-results/1"
 COUNTED = ("finished", "stopped_early")
+BROKEN = ("failed", "diverged")  # states of a run that ended without a result (not one still to run)
 # Summary metrics the tables read; a sweep whose runs have none yet still gets these columns (as NaN).
 METRICS = (
     BEST_VAL_ACC,

@@ -25,7 +25,7 @@ from ablation.metrics import (
     epochs_to,
     summary_name,
 )
-from analysis.results import COUNTED, Results, ResultsError
+from analysis.results import BROKEN, COUNTED, Results, ResultsError
 from analysis.stats import (
     ALPHA,
     BASELINE,
@@ -175,10 +175,12 @@ class EffectTable:
     pairs: list[tuple[int, int]]  # the family: (level index, baseline index 0) for each shown level but the baseline
 
 
-def effect_tables(sweep_config: dict[str, Any], runs: pd.DataFrame) -> Iterator[EffectTable]:
-    """Every effects table of a grid sweep's runs: each factor within each combination of the other factors."""
-    for factor in factors(sweep_config):
-        others = [f for f in factors(sweep_config) if f != factor]
+def effect_tables(sweep_config: dict[str, Any], runs: pd.DataFrame, skip: str | None = None) -> Iterator[EffectTable]:
+    """Every effects table of a grid sweep's runs: each factor within each combination of the other factors
+    (`skip`: a factor that is neither compared nor held fixed, its runs all kept in each table's block)."""
+    swept = [f for f in factors(sweep_config) if f != skip]
+    for factor in swept:
+        others = [f for f in swept if f != factor]
         contexts = runs.groupby(others, sort=False) if others else [((), runs)]
         for context, block in contexts:
             order = levels(sweep_config, factor, block)
@@ -220,6 +222,51 @@ def effects(
         for level in t.shown:
             rows.append(_effect_row(t.factor, t.order.index(level), t.order, t.others, t.context, t.block, fits))
     return pd.DataFrame(rows)
+
+
+def check_tune(results: Results, tune: str | None) -> None:
+    """A ConfigError unless `tune` is None or a factor of at least one of the sweeps (what --tune picks per level)."""
+    if tune is None or any(tune in factors(meta["config"]) for meta in results.sweeps.values()):
+        return
+    varies = sorted({f for meta in results.sweeps.values() for f in factors(meta["config"])})
+    raise ConfigError(
+        f"--tune {tune}: no sweep here varies it (they vary {', '.join(varies) or 'nothing but the seed'}); "
+        f"pass one of those factors, or drop --tune"
+    )
+
+
+def tuned_effects(
+    results: Results, sweep_id: str, tune: str, equivalence: float = EQUIVALENCE, alpha: float | None = None
+) -> pd.DataFrame:
+    """effects() with `tune` picked per level (e.g. each optimiser at its own best lr): within each combination of
+    the factors other than `tune` and the one compared, each level at the `tune` value with the highest mean val
+    accuracy (best_level: a failed or diverged seed disqualifies its cell). The pick used these runs' val, so the
+    val Δ is optimistic and the test verdict decides. Columns as effects(), plus `tune` (the pick)."""
+    config = results.sweeps[sweep_id]["config"]
+    if tune not in factors(config):
+        raise ConfigError(f"--tune {tune}: sweep {sweep_id} does not vary it; pass one of its factors, or drop --tune")
+    alpha = sweep_alpha(results.sweeps[sweep_id]) if alpha is None else alpha
+    check(alpha, equivalence)
+    runs = results.runs[results.runs["sweep_id"] == sweep_id]
+    rows = []
+    for t in effect_tables(config, runs, skip=tune):
+        picks = {level: best_level(t.block[t.block[t.factor] == level], tune) for level in t.shown}
+        block = pd.concat([t.block[(t.block[t.factor] == lv) & (t.block[tune] == p)] for lv, p in picks.items()])
+        fits = {m: fit_table(counted(block), t.factor, t.order, m, t.pairs, equivalence, alpha) for m in ACCURACIES}
+        for level in t.shown:
+            row = _effect_row(t.factor, t.order.index(level), t.order, t.others, t.context, block, fits)
+            rows.append({**row, tune: picks[level]})
+    return pd.DataFrame(rows)
+
+
+def best_level(runs: pd.DataFrame, factor: str) -> Any:
+    """The level of `factor` with the highest mean val accuracy in `runs`, among levels none of whose runs failed or
+    diverged (all levels when every one has such a run)."""
+    ok = counted(runs)
+    broken = set(runs.loc[runs["state"].isin(BROKEN), factor])
+    eligible = ok[~ok[factor].isin(broken)] if set(ok[factor]) - broken else ok
+    means = eligible.groupby(factor, sort=False)[BEST_VAL_ACC].mean()
+    return means.idxmax() if means.notna().any() else runs[factor].iloc[0]
 
 
 def fit_table(
@@ -569,4 +616,19 @@ def format_effects(table: pd.DataFrame) -> pd.DataFrame:
     out[f"reached {CONVERGENCE}%"] = table[f"reached_{CONVERGENCE}"]
     out["gap (train−val)"] = [f"{g:.2f}" if not math.isnan(g) else "–" for g in table["gap"]]
     out["not counted"] = table["not counted"]
+    return out
+
+
+def format_tuned(table: pd.DataFrame, tune: str) -> pd.DataFrame:
+    """tuned_effects() as display strings: format_effects() with the picked `tune` value after each level and the
+    seeds an inconclusive test comparison needs (test decides there)."""
+    if table.empty:
+        return pd.DataFrame()
+    out = format_effects(table)
+    out.insert(3, f"best {tune} (val)", [_show(v) for v in table[tune]])
+    out.insert(
+        out.columns.get_loc("seeds needed (val)") + 1,
+        "seeds needed (test)",
+        [seeds_cell(v, n) for v, n in zip(table["verdict_test"], table["seeds_needed_test"])],
+    )
     return out

@@ -290,3 +290,77 @@ def test_two_sweeps_sharing_a_name_keep_their_own_files(tmp_path: Path) -> None:
         record["config"] = full_config({"seed": record["config"]["seed"], "epochs": 5})
     with pytest.raises(ConfigError, match=r"best_teacher \(aaaa\): 30, best_teacher \(bbbb\): 5"):
         write_report(from_records(records, meta), tmp_path, ["a.json", "b.json"], "lenet report", compare=True)
+
+
+# Planted val accuracy of each optimiser x lr cell: each optimiser has its own best lr; rmsprop's best-looking cell
+# has a diverged seed, so it is not eligible and rmsprop is compared at its other lr.
+TUNED = {
+    ("sgd", 0.01): 55.0,
+    ("sgd", 0.1): 60.0,
+    ("adam", 0.01): 63.0,
+    ("adam", 0.1): 50.0,
+    ("rmsprop", 0.01): 57.0,
+    ("rmsprop", 0.1): 66.0,
+}
+OPTIM = {
+    "method": "grid",
+    "metric": {"name": "val/acc", "goal": "maximize"},
+    "parameters": {
+        "optimizer": {"values": ["sgd", "adam", "rmsprop"]},
+        "lr": {"values": [0.01, 0.1]},
+        "seed": {"values": list(range(6))},
+    },
+}
+
+
+@pytest.fixture
+def optim(tmp_path: Path) -> Path:
+    """A bundle of the planted optimiser x lr grid (noise sd 0.3 points per run)."""
+    rng = np.random.default_rng(1)
+    records = []
+    for (opt, lr), acc in TUNED.items():
+        for s in range(6):
+            val = acc + rng.normal(0, 0.3)
+            diverged = (opt, lr, s) == ("rmsprop", 0.1, 5)
+            records.append(
+                {
+                    "id": f"o-{opt}-{lr}-{s}",
+                    "sweep_id": "opt",
+                    "state": "diverged" if diverged else "finished",
+                    "config": full_config({"optimizer": opt, "lr": lr, "seed": s}),
+                    "summary": {"best/val_acc": None if diverged else val, "test/acc": None if diverged else val - 1},
+                    "history": [] if diverged else [{"epoch": 1, "val/acc": val, "val/loss": 1.0}],
+                }
+            )
+    write_bundle(
+        from_records(records, {"opt": {"name": "optim", "backend": "local", "config": OPTIM}}), tmp_path / "o.json"
+    )
+    return tmp_path / "o.json"
+
+
+def test_tune_compares_each_level_at_its_own_best_value(optim: Path) -> None:
+    from analysis.tables import tuned_effects
+
+    results = read_bundle(optim)
+    tuned = tuned_effects(results, "opt", "lr").set_index("level")
+    assert list(tuned["factor"].unique()) == ["optimizer"]  # lr is picked, not compared
+    assert tuned["lr"].to_dict() == {"sgd": 0.1, "adam": 0.01, "rmsprop": 0.01}  # the diverged cell is passed over
+    for level, want in (("adam", 3.0), ("rmsprop", -3.0)):
+        diff, half = tuned.loc[level, "diff_test_acc"], tuned.loc[level, "diff_test_acc_ci"]
+        assert abs(diff - want) < 0.6 and 0 < half < 1  # the planted difference, within noise
+        assert tuned.loc[level, "verdict_test"] == ("better" if want > 0 else "worse")
+    fixed = effects(results, "opt").query("factor == 'optimizer' and context == 'lr=0.01'").set_index("level")
+    assert fixed.loc["adam", "diff_val_acc"] == pytest.approx(8.0, abs=0.6)  # at one lr for all: another question
+
+
+def test_report_tune_option(optim: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["report", str(optim), "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*args, "--tune", "lr"])
+    assert result.exit_code == 0, result.output
+    assert "optim: each at its own best lr (test decides)" in result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "--tune lr`" in text and "### Each level at its own best lr" in text and "| best lr (val) |" in text
+    assert (tmp_path / "r" / "optim-tuned-lr.csv").exists()
+    bad = runner.invoke(app, [*args, "--tune", "momentum"])
+    assert bad.exit_code == 2 and "--tune momentum: no sweep here varies it (they vary lr, optimizer)" in bad.output
