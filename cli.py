@@ -34,6 +34,7 @@ from ablation.metrics import (
     VAL_LOSS,
 )
 from ablation.signals import exit_by_signal
+from ablation.states import BROKEN, DIVERGED, FINISHED, IN_FLIGHT, PENDING, RUNNING, STOPPED
 from ablation.tracking import one_line
 
 console = Console()
@@ -238,7 +239,7 @@ def train(
             run.finish(exit_code=1)
         raise
     if run is not None:
-        run.finish(exit_code=0 if summary["state"] != "diverged" else 1)  # a stopped run is a (shorter) result
+        run.finish(exit_code=0 if summary["state"] != DIVERGED else 1)  # a stopped run is a (shorter) result
     console.print(_summary_table(summary))
     saved = [p.name for p in (out / name / "best.pt", out / name / "last.pt") if p.exists()]  # diverged: no best
     checkpoints = f"{out / name}/{', '.join(saved)}" if saved else "none (no epoch finished)"
@@ -254,7 +255,7 @@ def train(
             f"(summary saved); checkpoints: {checkpoints}",
             stop.signum,
         )
-    if summary["state"] == "diverged":
+    if summary["state"] == DIVERGED:
         raise LenetError(
             f"the run diverged (loss became NaN/inf at epoch {summary['epochs_run']}); lower lr or set grad_clip="
         )
@@ -400,7 +401,7 @@ def sweep_ls() -> None:
     table = Table("id", "name", "backend", "method", "state", "runs (done/all)", "created")
     for sweep in store.sweeps():
         runs = store.runs(sweep["id"])
-        done = sum(r["state"] not in ("pending", "running") for r in runs)
+        done = sum(r["state"] not in IN_FLIGHT for r in runs)
         table.add_row(
             sweep["id"],
             sweep["name"] or "",
@@ -444,7 +445,7 @@ def sweep_status(
     config = sweep["config"]
     states: dict[str, int] = {}
     for run in runs:
-        stale = run["state"] == "running" and (run["heartbeat_at"] or 0) < time.time() - heartbeat_timeout()
+        stale = run["state"] == RUNNING and (run["heartbeat_at"] or 0) < time.time() - heartbeat_timeout()
         key = "running (no heartbeat: will be requeued)" if stale else run["state"]
         states[key] = states.get(key, 0) + 1
     total = _planned_runs(store, sweep)
@@ -537,11 +538,11 @@ def _print_timing(store: Any, runs: list[dict[str, Any]], total: int | None) -> 
     if not started:
         return
     ended = [r["ended_at"] for r in runs if r["ended_at"]]
-    active = any(r["state"] == "running" for r in runs) or any(r["state"] == "pending" for r in runs)
+    active = any(r["state"] == RUNNING for r in runs) or any(r["state"] == PENDING for r in runs)
     elapsed = (time.time() if active or not ended else max(ended)) - min(started)
     durations = [_run_seconds(store, r) for r in runs if r["ended_at"] and r["started_at"]]
     line = f"  elapsed {elapsed / 60:.1f} min"
-    workers = max(1, len({r["worker"] for r in runs if r["state"] == "running"}))
+    workers = max(1, len({r["worker"] for r in runs if r["state"] == RUNNING}))
     if durations and total:
         remaining = max(0, total - len(durations))
         minutes = remaining * sum(durations) / len(durations) / workers / 60
@@ -562,7 +563,7 @@ def sweep_stop(sweep_id: Annotated[str, typer.Argument(help="The sweep to stop."
     from ablation.store import Store
 
     store = Store(create=False)
-    store.set_sweep_state(sweep_id, "stopped")
+    store.set_sweep_state(sweep_id, STOPPED)
     console.print(f"sweep {sweep_id} stopped: no new runs will start", highlight=False)
 
 
@@ -668,9 +669,9 @@ def agent(
     run_agent(specs, agent_event)  # SIGTERM/Ctrl-C: workers stop, their runs are requeued, Interrupted says so
     for sweep_id in sweep_ids:
         runs = store.runs(sweep_id)
-        failed = [r["id"] for r in runs if r["state"] in ("failed", "diverged")]
+        failed = [r["id"] for r in runs if r["state"] in BROKEN]
         console.print(
-            f"sweep {sweep_id}: {sum(r['state'] == 'finished' for r in runs)} finished, {len(failed)} failed/diverged"
+            f"sweep {sweep_id}: {sum(r['state'] == FINISHED for r in runs)} finished, {len(failed)} failed/diverged"
             + (f" ({', '.join(failed)}; rerun with --retry-failed)" if failed else ""),
             highlight=False,
         )

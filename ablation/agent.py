@@ -24,6 +24,7 @@ from ablation.errors import CheckpointError, ConfigError, Interrupted, LenetErro
 from ablation.fused import fusable, pack_key, train_pack
 from ablation.paths import write_bytes
 from ablation.signals import StopRequest, StopSignal, signal_name
+from ablation.states import DIVERGED, FAILED, PENDING, RUNNING, STOPPED
 from ablation.store import WAIT, Claim, Store, heartbeat_timeout, home, runs_home, shown, store_location
 from ablation.tracking import FanOut, MemoryLogger, WandbLogger, start_wandb
 from ablation.train import cpu_threads, load_checkpoint, resumable, train
@@ -225,7 +226,7 @@ def train_claim(store: Store, claim: Claim, spec: WorkerSpec, on_event: Event, s
         return summary["state"]
     except BaseException as exc:
         settle(store, [claim.run_id], exc, stop, on_event)
-        return "failed"
+        return FAILED
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -250,8 +251,8 @@ def settle(store: Store, run_ids: list[str], exc: BaseException, stop: StopReque
     message = str(exc) if isinstance(exc, LenetError) else f"{type(exc).__name__}: {exc}"
     detail = "" if isinstance(exc, LenetError) else "\n" + traceback.format_exc()
     for run_id in run_ids:
-        store.finish(run_id, "failed", error=message + detail)
-        on_event("end", {"run": run_id, "state": "failed", "error": message})
+        store.finish(run_id, FAILED, error=message + detail)
+        on_event("end", {"run": run_id, "state": FAILED, "error": message})
 
 
 def claim_wandb(store: Store, claim: Claim, spec: WorkerSpec, config: RunConfig) -> Any:
@@ -359,7 +360,7 @@ def train_pack_claims(
         on_event("start", {"run": claim.run_id, "worker": spec.name, "params": claim.params, "attempt": claim.attempt})
 
     def on_end(i: int, summary: dict[str, Any]) -> None:
-        if stop.signum is not None and summary["state"] == "stopped":
+        if stop.signum is not None and summary["state"] == STOPPED:
             return  # stopped by the signal, not by the sweep: requeued below
         store.finish(ids[i], summary["state"], summary)
         ended.add(i)
@@ -590,7 +591,7 @@ def held_runs(store: Store, sweep_ids: Iterable[str], workers: set[str], pid: in
         run["id"]
         for sweep_id in sweep_ids
         for run in store.runs(sweep_id)
-        if run["state"] == "running" and run["worker"] in workers and (pid is None or run["pid"] == pid)
+        if run["state"] == RUNNING and run["worker"] in workers and (pid is None or run["pid"] == pid)
     ]
 
 
@@ -600,7 +601,7 @@ def requeue_held(store: Store, specs: list[WorkerSpec]) -> int:
     names = {spec.name for spec in specs}
     store.requeue(held_runs(store, specs[0].sweep_ids, names), INTERRUPTED)
     return sum(
-        run["state"] == "pending" and run["worker"] in names and run["error"] == INTERRUPTED
+        run["state"] == PENDING and run["worker"] in names and run["error"] == INTERRUPTED
         for sweep_id in specs[0].sweep_ids
         for run in store.runs(sweep_id)
     )
@@ -622,7 +623,7 @@ def wandb_sweep_function(defaults: dict[str, Any] | None = None) -> dict[str, An
             summary = run_stoppable(
                 lambda: train(config, logger, checkpoint_dir=run_folder(home(), run.id), stop_now=stop), stop
             )
-        run.finish(exit_code=0 if summary["state"] != "diverged" else 1)
+        run.finish(exit_code=0 if summary["state"] != DIVERGED else 1)
         return summary
     except BaseException:
         run.finish(exit_code=1)

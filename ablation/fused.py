@@ -26,6 +26,7 @@ from ablation.data import Batches, Dataset, load_dataset
 from ablation.errors import ConfigError
 from ablation.metrics import epoch_metrics
 from ablation.model import build_model, count_parameters, make_activation
+from ablation.states import STOPPED
 from ablation.tracking import Logger
 from ablation.train import (
     Record,
@@ -542,7 +543,7 @@ class Pack:
             result = _epoch(self.trainer, self.streams, self.group, [self.loggers[i] for i in self.running], stop_now)
             if result is None:
                 for i in self.running:
-                    self.records[i].state = "stopped"
+                    self.records[i].state = STOPPED
                 cut_short = True
                 break
             self.end_epoch(epoch, result, tick, asked)

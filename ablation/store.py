@@ -28,6 +28,7 @@ from typing import Any
 
 from ablation.config import RunConfig
 from ablation.errors import ConfigError, StoreError, StoreWriteError, SweepError
+from ablation.states import DIVERGED, FAILED, FINISHED, PENDING, RUNNING
 from ablation.sweep import (
     closest_band,
     grid_size,
@@ -133,7 +134,6 @@ PG_MIGRATIONS = {
     """,
 }
 PG_LOCK = 0x6C656E6574  # the advisory lock every write transaction on a PostgreSQL store takes ("lenet")
-TERMINAL = ("finished", "failed", "diverged", "stopped", "stopped_early")
 WAIT = "wait"  # claim() result: nothing to claim now, but runs in flight may still be requeued
 PAGE = 64  # pending runs a claim reads at a time
 FULL_BELOW = 1 << 20  # bytes free under which a failed write or open is put down to a full disk
@@ -778,7 +778,7 @@ class Store:
                     backend,
                     json.dumps(config),
                     seed,
-                    "running",
+                    RUNNING,
                     project,
                     entity,
                     time.time(),
@@ -848,7 +848,7 @@ class Store:
             importlib.import_module(f"sweeps.{self.sweep(sweep_id)['config']['method']}_search")
         with self.transaction() as db:
             sweep = self.sweep(sweep_id)
-            if sweep["state"] != "running":
+            if sweep["state"] != RUNNING:
                 return None
             self._requeue_stale(db, sweep_id)
             claims: list[Claim] = []
@@ -868,7 +868,8 @@ class Store:
             for _ in range(limit + 1):  # at most `limit` asks of the search for new runs
                 while not full():  # read no further than needed: pages of PAGE rows (a database
                     rows = db.execute(  # server would send a whole result at once)
-                        "SELECT * FROM runs WHERE sweep_id = ? AND state = 'pending' AND idx > ? ORDER BY idx LIMIT ?",
+                        f"SELECT * FROM runs WHERE sweep_id = ? AND state = '{PENDING}' AND idx > ? "
+                        "ORDER BY idx LIMIT ?",
                         (sweep_id, after, PAGE),
                     ).fetchall()
                     for row in rows:
@@ -882,14 +883,14 @@ class Store:
                     break
             if not claims:
                 in_flight = db.execute(
-                    "SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state = 'running'", (sweep_id,)
+                    f"SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state = '{RUNNING}'", (sweep_id,)
                 ).fetchone()[0]
                 if not in_flight:
-                    db.execute("UPDATE sweeps SET state = 'finished' WHERE id = ?", (sweep_id,))
+                    db.execute(f"UPDATE sweeps SET state = '{FINISHED}' WHERE id = ?", (sweep_id,))
                 return WAIT if in_flight else None
             now, pid, host = time.time(), os.getpid(), socket.gethostname()
             db.executemany(
-                "UPDATE runs SET state = 'running', worker = ?, pid = ?, host = ?, attempts = attempts + 1, "
+                f"UPDATE runs SET state = '{RUNNING}', worker = ?, pid = ?, host = ?, attempts = attempts + 1, "
                 "heartbeat_at = ?, started_at = COALESCE(started_at, ?), error = NULL, config = ? WHERE id = ?",
                 [(worker, pid, host, now, now, _json(c.config) if c.config else None, c.run_id) for c in claims],
             )
@@ -899,9 +900,9 @@ class Store:
         # A worker whose heartbeat stopped is lost with every run it held: a pack's members, beaten one after
         # another, go stale milliseconds apart, and requeueing them at once lets them resume as one pack.
         db.execute(
-            "UPDATE runs SET state = 'pending', error = 'worker lost (no heartbeat); requeued' "
-            "WHERE sweep_id = ? AND state = 'running' AND worker IN (SELECT worker FROM runs "
-            "WHERE sweep_id = ? AND state = 'running' AND heartbeat_at < ?)",
+            f"UPDATE runs SET state = '{PENDING}', error = 'worker lost (no heartbeat); requeued' "
+            f"WHERE sweep_id = ? AND state = '{RUNNING}' AND worker IN (SELECT worker FROM runs "
+            f"WHERE sweep_id = ? AND state = '{RUNNING}' AND heartbeat_at < ?)",
             (sweep_id, sweep_id, time.time() - heartbeat_timeout()),
         )
 
@@ -926,7 +927,7 @@ class Store:
         db.executemany(
             "INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
             [
-                (f"{sweep['id']}-{count + i:03d}", sweep["id"], count + i, json.dumps(p), "pending", 0, now)
+                (f"{sweep['id']}-{count + i:03d}", sweep["id"], count + i, json.dumps(p), PENDING, 0, now)
                 for i, p in enumerate(points)
             ],
         )
@@ -941,7 +942,7 @@ class Store:
         self.sweep(sweep_id)
         with self.transaction() as db:
             busy = db.execute(
-                "SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state IN ('pending', 'running')", (sweep_id,)
+                f"SELECT COUNT(*) FROM runs WHERE sweep_id = ? AND state IN ('{PENDING}', '{RUNNING}')", (sweep_id,)
             ).fetchone()[0]
             if busy:
                 raise SweepError(
@@ -978,12 +979,12 @@ class Store:
             db.executemany(
                 "INSERT INTO runs (id, sweep_id, idx, params, state, attempts, created_at) VALUES (?,?,?,?,?,?,?)",
                 [
-                    (run_id, sweep_id, first[0] + i, json.dumps(params), "pending", 0, now)
+                    (run_id, sweep_id, first[0] + i, json.dumps(params), PENDING, 0, now)
                     for i, (run_id, params) in enumerate(zip(ids, params_list))
                 ],
             )
             if ids:  # a finished (or stopped) sweep serves its new runs; _new_run adds no grid point past its size
-                db.execute("UPDATE sweeps SET state = 'running' WHERE id = ?", (sweep_id,))
+                db.execute(f"UPDATE sweeps SET state = '{RUNNING}' WHERE id = ?", (sweep_id,))
         return ids
 
     def looks(self, sweep_id: str) -> list[dict[str, Any]]:
@@ -1000,7 +1001,8 @@ class Store:
         try:
             with self.transaction() as db:
                 db.executemany(
-                    "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND state = 'running'", [(now, i) for i in run_ids]
+                    f"UPDATE runs SET heartbeat_at = ? WHERE id = ? AND state = '{RUNNING}'",
+                    [(now, i) for i in run_ids],
                 )
         except StoreError:
             return False
@@ -1051,7 +1053,8 @@ class Store:
         with self.transaction() as db:
             for run_id in [run_ids] if isinstance(run_ids, str) else run_ids:
                 db.execute(
-                    "UPDATE runs SET state = 'pending', error = ? WHERE id = ? AND state = 'running'", (reason, run_id)
+                    f"UPDATE runs SET state = '{PENDING}', error = ? WHERE id = ? AND state = '{RUNNING}'",
+                    (reason, run_id),
                 )
 
     def put_checkpoint(self, run_id: str, name: str, epoch: int, data: bytes) -> None:
@@ -1079,12 +1082,12 @@ class Store:
         with self.transaction() as db:
             # attempts = 0: a retry trains from scratch (a diverged run's checkpoint holds NaN state)
             count = db.execute(
-                "UPDATE runs SET state = 'pending', error = NULL, attempts = 0 WHERE sweep_id = ? "
-                "AND state IN ('failed', 'diverged')",
+                f"UPDATE runs SET state = '{PENDING}', error = NULL, attempts = 0 WHERE sweep_id = ? "
+                f"AND state IN ('{FAILED}', '{DIVERGED}')",
                 (sweep_id,),
             ).rowcount
             if count:
-                db.execute("UPDATE sweeps SET state = 'running' WHERE id = ? AND state = 'finished'", (sweep_id,))
+                db.execute(f"UPDATE sweeps SET state = '{RUNNING}' WHERE id = ? AND state = '{FINISHED}'", (sweep_id,))
         return count
 
     def should_stop(self, run_id: str) -> bool:
@@ -1099,7 +1102,7 @@ class Store:
         values = [r["value"] for r in self._rows("SELECT value FROM rungs WHERE run_id = ? ORDER BY epoch", (run_id,))]
         rule = hyperband(config)
         band = closest_band(rule.bands, len(values))
-        if state != "running" or band is None:
+        if state != RUNNING or band is None:
             return False
         reached = self._rows("SELECT COUNT(*) AS n FROM rungs WHERE sweep_id = ? AND pos = ?", (sweep_id, band))
         order = "DESC" if rule.maximize else "ASC"  # best first

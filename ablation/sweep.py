@@ -17,6 +17,7 @@ from typing import Any
 from ablation.config import FIELD_TYPES, RunConfig, coerce, read_yaml
 from ablation.errors import ConfigError, SweepError
 from ablation.metrics import EPOCH_METRICS, OBJECTIVE, SUMMARY_METRICS
+from ablation.states import DIVERGED, STOPPED, STOPPED_EARLY
 
 GRID_TYPES = ("categorical", "constant", "int_uniform", "q_uniform")
 # Larger listed grids are checked value by value only: each point builds one RunConfig (~60 us on a busy 2-core CPU).
@@ -240,7 +241,8 @@ def sweep_run(
     name: str, state: str, params: dict[str, Any], history: Iterable[dict[str, Any]], summary: dict[str, Any] | None
 ) -> Any:
     """A `sweeps.SweepRun` from our records, with its fields set by their Python names (not aliases)."""
-    engine_state = {"diverged": "failed", "stopped": "finished", "stopped_early": "finished"}.get(state, state)
+    # The engine knows W&B's run states (sweeps.RunState): ours map onto its `failed` and `finished`.
+    engine_state = {DIVERGED: "failed", STOPPED: "finished", STOPPED_EARLY: "finished"}.get(state, state)
     with quiet():
         run = engine().SweepRun(name=name, state=engine_state, config={k: {"value": v} for k, v in params.items()})
     run.history = [dict(h) for h in history]

@@ -69,6 +69,7 @@ from ablation.metrics import (
 )
 from ablation.model import ARCH_NAMES, build_model, count_parameters
 from ablation.paths import output_error, write_bytes
+from ablation.states import DIVERGED, FINISHED, RUNNING, STOPPED, STOPPED_EARLY
 from ablation.tracking import Logger
 
 EVAL_BATCH = 1024  # images per evaluation batch; memory only, results do not depend on it
@@ -595,12 +596,12 @@ def train(
     first = restore(last, config, trainer, record) + 1 if resume and last else 1
     cut_short = False
     if not tabled:  # stopped while the teacher's table was waited for or computed: no epoch to run
-        record.state, cut_short, first = "stopped", True, config.epochs + 1
+        record.state, cut_short, first = STOPPED, True, config.epochs + 1
     for epoch in range(first, config.epochs + 1):
         tick = time.perf_counter()
         result = trainer.epoch()
         if result is None:
-            record.state, cut_short = "stopped", True
+            record.state, cut_short = STOPPED, True
             break
         train_loss, train_acc, seen = result
         val_loss, val_acc = evaluate(net, val_b, dtype, config.tta, config.pad)
@@ -687,7 +688,7 @@ class Record:
     best: dict[str, float] = field(default_factory=dict)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     reached: dict[int, int] = field(default_factory=dict)
-    state: str = "running"
+    state: str = RUNNING
     stale: int = 0  # epochs since val loss last improved
     lowest_val_loss: float = math.inf
 
@@ -695,7 +696,7 @@ class Record:
         """Record an epoch; True when it is the new best (so its weights were kept)."""
         self.history.append({**metrics, "epoch": epoch})
         if not all(math.isfinite(metrics[k]) for k in (TRAIN_LOSS, VAL_LOSS)):
-            self.state = "diverged"
+            self.state = DIVERGED
             return False
         for threshold in THRESHOLDS:
             if metrics[VAL_ACC] >= threshold:
@@ -711,14 +712,14 @@ class Record:
 
     def should_stop(self, external: Callable[[], bool] | None = None) -> bool:
         """Diverged, val loss not improved for `early_stopping` epochs, or stopped from outside."""
-        if self.state == "diverged":
+        if self.state == DIVERGED:
             return True
         patience = self.config.early_stopping
         if patience and self.stale >= patience:
-            self.state = "stopped_early"
+            self.state = STOPPED_EARLY
         elif external is not None and external():
-            self.state = "stopped"
-        return self.state != "running"
+            self.state = STOPPED
+        return self.state != RUNNING
 
     @property
     def last_epoch(self) -> int:
@@ -739,7 +740,7 @@ class Record:
         """Continue from `dump()`'s output; the run is running again."""
         for key, value in state.items():
             setattr(self, key, value)
-        self.state = "running"
+        self.state = RUNNING
 
     def summary(self) -> dict[str, Any]:
         """The run's results so far (test metrics are added by `finish`)."""
@@ -764,8 +765,8 @@ class Record:
 
     def finish(self, model: nn.Module, test: Batches, dtype: torch.dtype | None, start: float) -> dict[str, Any]:
         """Evaluate the best-val weights on the test set once; close the run's state."""
-        if self.state == "running":
-            self.state = "finished"
+        if self.state == RUNNING:
+            self.state = FINISHED
         if self.best_state:
             best = copy.deepcopy(model)  # the model keeps its last weights for last.pt
             best.load_state_dict(self.best_state)

@@ -19,13 +19,13 @@ import pandas as pd
 
 from ablation.errors import SweepError
 from ablation.metrics import BEST_VAL_ACC
+from ablation.states import IN_FLIGHT
 from ablation.sweep import grid_size, grid_values, plain
 from analysis.results import Results
 from analysis.stats import EQUIVALENCE, INCONCLUSIVE, LOOKS, alpha_of_look, check, next_look
 from analysis.tables import counted, current_look, effect_tables, factors, fit_table, levels, variant_name
 
 DECIDES = BEST_VAL_ACC  # the metric whose verdicts decide where seeds go (the sweep's metric: val accuracy)
-IN_FLIGHT = ("pending", "running")
 EXTENDED, RESOLVED, CAP = "extended", "resolved", "cap"
 
 

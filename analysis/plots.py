@@ -10,6 +10,7 @@ import pandas as pd
 
 from ablation.metrics import BEST_VAL_ACC, VAL_ACC, VAL_LOSS
 from ablation.paths import write_bytes
+from ablation.states import COUNTED
 from analysis.results import Results
 from analysis.stats import BASELINE, BETTER, EQUIVALENCE, EQUIVALENT, INCONCLUSIVE, VERDICTS, WORSE
 from analysis.tables import counted, effects, factors, levels
@@ -157,7 +158,7 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs.itertuples():
         hist = results.history[results.history["run_id"] == run.run_id].reindex(columns=["epoch", VAL_ACC])
-        done = run.state in ("finished", "stopped_early")
+        done = run.state in COUNTED
         left.plot(
             hist["epoch"],
             hist[VAL_ACC],
@@ -166,7 +167,7 @@ def search_progress(results: Results, sweep_id: str, path: Path) -> Path:
             alpha=0.9 if done else 0.6,
         )
     best = runs[BEST_VAL_ACC]
-    colours = ["tab:blue" if s in ("finished", "stopped_early") else "tab:gray" for s in runs["state"]]
+    colours = ["tab:blue" if s in COUNTED else "tab:gray" for s in runs["state"]]
     right.scatter(runs.index, best, c=colours, s=18)
     right.step(runs.index, best.cummax(), where="post", color="tab:orange", label="best so far")
     left.set(

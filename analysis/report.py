@@ -11,9 +11,10 @@ import pandas as pd
 from ablation.errors import TrackingError
 from ablation.metrics import BEST_VAL_ACC, TEST_ACC, VAL_ACC, VAL_LOSS
 from ablation.paths import writable_dir, write_bytes, write_text
+from ablation.states import COUNTED
 from ablation.tracking import one_line
 from analysis.plots import JPEG_NOTE, effect_chart, is_path_study, learning_curves, search_progress, waterfall
-from analysis.results import COUNTED, Results
+from analysis.results import Results
 from analysis.stats import ADJUSTMENT, EQUIVALENCE, LEGEND
 from analysis.tables import (
     best_configs,

@@ -30,8 +30,6 @@ from ablation.paths import write_text
 from ablation.sweep import grid_size
 
 BUNDLE_FORMAT = "lenet-results/1"
-COUNTED = ("finished", "stopped_early")
-BROKEN = ("failed", "diverged")  # states of a run that ended without a result (not one still to run)
 # Summary metrics the tables read; a sweep whose runs have none yet still gets these columns (as NaN).
 METRICS = (
     BEST_VAL_ACC,
@@ -43,7 +41,7 @@ METRICS = (
     GAP_TRAIN_VAL,
     *(epochs_to(t) for t in THRESHOLDS),
     "dataset",
-)  # states whose metrics enter means; the rest are counted and shown
+)
 
 
 class ResultsError(LenetError):

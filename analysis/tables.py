@@ -25,7 +25,8 @@ from ablation.metrics import (
     epochs_to,
     summary_name,
 )
-from analysis.results import BROKEN, COUNTED, Results, ResultsError
+from ablation.states import BROKEN, COUNTED
+from analysis.results import Results, ResultsError
 from analysis.stats import (
     ALPHA,
     BASELINE,

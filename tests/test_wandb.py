@@ -22,11 +22,12 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from ablation.config import RunConfig
 from ablation.errors import TrackingError
+from ablation.states import COUNTED
 from ablation.sweep import load_sweep_file, suggest
 from ablation.tracking import wandb_logged_in
 from ablation.train import load_checkpoint
 from analysis.report import swept, wandb_report
-from analysis.results import COUNTED, flat_summary, read_bundle
+from analysis.results import flat_summary, read_bundle
 from cli import app, build_config
 
 BUNDLES = sorted((ROOT / "docs" / "results").glob("*/*.json"))
