@@ -33,7 +33,7 @@ from ablation.train import (
     autocast_dtype,
     checkpoint,
     clean_stream,
-    cpu_threads,
+    cpu_math,
     lr_factor,
     make_optimizer,
     prepare,
@@ -514,7 +514,7 @@ class Pack:
             )
         first = configs[0]
         self.device = resolve_device(first.device)
-        torch.set_num_threads(cpu_threads(first.threads))
+        cpu_math(first.threads)
         self.dtype = autocast_dtype(first.precision, self.device)
         if self.dtype == torch.float16:
             raise ConfigError("precision=fp16 is not supported by fused training yet; use precision=bf16")

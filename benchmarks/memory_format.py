@@ -16,7 +16,7 @@ from ablation.config import RunConfig
 from ablation.data import Batches
 from ablation.model import build_model
 from ablation.tracking import NullLogger
-from ablation.train import Trainer, cpu_threads
+from ablation.train import Trainer, cpu_math
 
 CASES = {"no BN, batch 512": {"norm": "none", "batch_size": 512}, "modern (BN), batch 128": {}}
 
@@ -39,7 +39,7 @@ def setup(values: dict, layout: torch.memory_format) -> tuple[Trainer, torch.Ten
 
 
 def main() -> None:
-    torch.set_num_threads(cpu_threads(0))
+    cpu_math(0)
     layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     setups = {(case, name): setup(values, layout) for case, values in CASES.items() for name, layout in layouts.items()}
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in setups}

@@ -24,7 +24,7 @@ from ablation.config import RunConfig
 from ablation.data import channel_stats, data_root, find_image_folder, load_dataset, split_train_val
 from ablation.model import build_model
 from ablation.tracking import NullLogger
-from ablation.train import Trainer, cpu_threads, make_optimizer, memory_format, prepare, resolve_device
+from ablation.train import Trainer, cpu_math, make_optimizer, memory_format, prepare, resolve_device
 
 CASES = {
     "relu, max pool, no BN, crop+flip, SGD momentum, batch 512": {
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
     parser.add_argument("--out", type=Path, default=None, help="write a Markdown table here")
     args = parser.parse_args()
-    torch.set_num_threads(cpu_threads(0))
+    cpu_math(0)
     rows = []
     for name, values in CASES.items():
         config = RunConfig.from_dict({**values, "data": "folder", "data_dir": args.data_dir, "device": "cpu"})
