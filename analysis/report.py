@@ -152,7 +152,8 @@ def tuned_section(results: Results, sweep_id: str, out: Path, name: str, tune: s
         "",
         "The pick used these runs' validation accuracy, so Δ val is optimistic: **the test verdict decides here** "
         "(each run's test set is evaluated once and never used to pick). One table (family) per factor and context, "
-        "as above, at the same α; the seed is a block where the picked cells share seeds.",
+        "as above, at the same α; the seed is a block where the picked cells share seeds. A pick at the grid's "
+        "edge (its smallest or largest value) may have its best value beyond the grid.",
         "",
         markdown(format_tuned(tuned, tune)),
         "",

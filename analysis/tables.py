@@ -242,7 +242,8 @@ def tuned_effects(
     """effects() with `tune` picked per level (e.g. each optimiser at its own best lr): within each combination of
     the factors other than `tune` and the one compared, each level at the `tune` value with the highest mean val
     accuracy (best_level: a failed or diverged seed disqualifies its cell). The pick used these runs' val, so the
-    val Δ is optimistic and the test verdict decides. Columns as effects(), plus `tune` (the pick)."""
+    val Δ is optimistic and the test verdict decides. Columns as effects(), plus `tune` (the pick) and `at_edge` (a
+    numeric pick at the grid's smallest or largest value: the best may lie beyond it)."""
     config = results.sweeps[sweep_id]["config"]
     if tune not in factors(config):
         raise ConfigError(f"--tune {tune}: sweep {sweep_id} does not vary it; pass one of its factors, or drop --tune")
@@ -250,13 +251,16 @@ def tuned_effects(
     check(alpha, equivalence)
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     rows = []
+    grid = levels(config, tune, runs)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
+    edges = (min(grid), max(grid)) if numeric else ()  # a pick there may have its best value beyond the grid
     for t in effect_tables(config, runs, skip=tune):
         picks = {level: best_level(t.block[t.block[t.factor] == level], tune) for level in t.shown}
         block = pd.concat([t.block[(t.block[t.factor] == lv) & (t.block[tune] == p)] for lv, p in picks.items()])
         fits = {m: fit_table(counted(block), t.factor, t.order, m, t.pairs, equivalence, alpha) for m in ACCURACIES}
         for level in t.shown:
             row = _effect_row(t.factor, t.order.index(level), t.order, t.others, t.context, block, fits)
-            rows.append({**row, tune: picks[level]})
+            rows.append({**row, tune: picks[level], "at_edge": picks[level] in edges})
     return pd.DataFrame(rows)
 
 
@@ -626,7 +630,8 @@ def format_tuned(table: pd.DataFrame, tune: str) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame()
     out = format_effects(table)
-    out.insert(3, f"best {tune} (val)", [_show(v) for v in table[tune]])
+    picks = [_show(v) + (" (grid edge)" if edge else "") for v, edge in zip(table[tune], table["at_edge"])]
+    out.insert(3, f"best {tune} (val)", picks)
     out.insert(
         out.columns.get_loc("seeds needed (val)") + 1,
         "seeds needed (test)",

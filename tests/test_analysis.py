@@ -345,6 +345,7 @@ def test_tune_compares_each_level_at_its_own_best_value(optim: Path) -> None:
     tuned = tuned_effects(results, "opt", "lr").set_index("level")
     assert list(tuned["factor"].unique()) == ["optimizer"]  # lr is picked, not compared
     assert tuned["lr"].to_dict() == {"sgd": 0.1, "adam": 0.01, "rmsprop": 0.01}  # the diverged cell is passed over
+    assert tuned["at_edge"].all()  # a two-value grid: every pick is at its edge, the best lr may lie beyond
     for level, want in (("adam", 3.0), ("rmsprop", -3.0)):
         diff, half = tuned.loc[level, "diff_test_acc"], tuned.loc[level, "diff_test_acc_ci"]
         assert abs(diff - want) < 0.6 and 0 < half < 1  # the planted difference, within noise
@@ -361,6 +362,7 @@ def test_report_tune_option(optim: Path, tmp_path: Path) -> None:
     assert "optim: each at its own best lr (test decides)" in result.output
     text = (tmp_path / "r" / "report.md").read_text()
     assert "--tune lr`" in text and "### Each level at its own best lr" in text and "| best lr (val) |" in text
+    assert "| adam | 0.01 (grid edge) |" in text
     assert (tmp_path / "r" / "optim-tuned-lr.csv").exists()
     bad = runner.invoke(app, [*args, "--tune", "momentum"])
     assert bad.exit_code == 2 and "--tune momentum: no sweep here varies it (they vary lr, optimizer)" in bad.output
