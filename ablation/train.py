@@ -93,9 +93,9 @@ def cpu_threads(requested: int) -> int:
 def cpu_math(threads: int) -> None:
     """Set this process's CPU math: `threads` (cpu_threads) and subnormal floats flushed to zero."""
     torch.set_num_threads(cpu_threads(threads))
-    # Weights of units whose gradient vanished decay (weight decay, RMSprop's running average) into subnormal floats,
-    # which x86 CPUs compute ~20x slower: an RMSprop lr-0.1 run reached 256 s an epoch instead of 11 s (optim
-    # sweep 97b6a3b8-087, epoch 13; 20,919 of fc1's 48,000 weights subnormal). Only values below 1.2e-38 change.
+    # Filters whose gradient vanished decay into subnormal floats, which x86 CPUs compute ~20x slower: an RMSprop
+    # lr-0.1 run reached 256 s an epoch instead of 11 s (optim sweep 97b6a3b8-087, epoch 13: 7 conv filters dead;
+    # benchmarks/subnormal.py). Only values below 1.2e-38 change.
     torch.set_flush_denormal(True)
 
 
