@@ -992,7 +992,7 @@ def report(
     path = write_report(results, out, sources, command, equivalence, compare, control, tune)
     say(f"wrote {path} (+ CSV and PNG files in {out})")
     if wandb:
-        built = _save_wandb_report(wandb_report(results, entity or None, project, equivalence))
+        built = _save_wandb_report(wandb_report(results, entity or None, project, equivalence, tune))
         say(f"W&B report: {built}")
 
 

@@ -289,10 +289,12 @@ def swept(sweep_config: dict[str, Any]) -> list[str]:
     ]
 
 
-def wandb_report(results: Results, entity: str | None, project: str, equivalence: float = EQUIVALENCE) -> Any:
+def wandb_report(
+    results: Results, entity: str | None, project: str, equivalence: float = EQUIVALENCE, tune: str | None = None
+) -> Any:
     """A W&B Report (wandb-workspaces; built, not saved): per sweep, curves and best-val bars per factor level,
-    parallel coordinates and importance over the swept parameters, a run comparer, and the tables. `entity`
-    None: W&B's default entity for the login (never "", which would address no one)."""
+    parallel coordinates and importance over the swept parameters, a run comparer, and the tables (with `tune`, the
+    tuned table too). `entity` None: W&B's default entity for the login (never "", which would address no one)."""
     import wandb_workspaces.reports.v2 as wr
 
     try:  # without an entity, wandb-workspaces asks wandb.Api() for the login's default one
@@ -310,12 +312,14 @@ def wandb_report(results: Results, entity: str | None, project: str, equivalence
     if any(meta["backend"] != "wandb" for meta in results.sweeps.values()):
         blocks.append(wr.P(text=SYNC_NOTE))
     for sweep_id, meta in results.sweeps.items():
-        blocks += _wandb_section(wr, results, sweep_id, meta, equivalence)
+        blocks += _wandb_section(wr, results, sweep_id, meta, equivalence, tune)
     report.blocks = blocks
     return report
 
 
-def _wandb_section(wr: Any, results: Results, sweep_id: str, meta: dict[str, Any], equivalence: float) -> list[Any]:
+def _wandb_section(
+    wr: Any, results: Results, sweep_id: str, meta: dict[str, Any], equivalence: float, tune: str | None
+) -> list[Any]:
     config = meta["config"]
     keys = factors(config)
     # W&B sweeps filter on Sweep; local sweeps' runs carry group = the sweep id. Only runs the tables count
@@ -334,6 +338,8 @@ def _wandb_section(wr: Any, results: Results, sweep_id: str, meta: dict[str, Any
     tables = [markdown(seed_table(results, sweep_id))]
     if keys:
         tables.append(markdown(format_effects(effects(results, sweep_id, equivalence))))
+    if tune in keys:
+        tables.append(markdown(format_tuned(tuned_effects(results, sweep_id, tune, equivalence), tune)))
     elif config.get("method") != "grid":
         tables.append(markdown(search_table(results, sweep_id)))
     return [

@@ -364,5 +364,7 @@ def test_report_tune_option(optim: Path, tmp_path: Path) -> None:
     assert "--tune lr`" in text and "### Each level at its own best lr" in text and "| best lr (val) |" in text
     assert "| adam | 0.01 (grid edge) |" in text
     assert (tmp_path / "r" / "optim-tuned-lr.csv").exists()
+    blocks = wandb_report(read_bundle(optim), "me", "lenet", tune="lr").blocks  # --wandb carries the table too
+    assert any("| best lr (val) |" in getattr(b, "text", "") for b in blocks)
     bad = runner.invoke(app, [*args, "--tune", "momentum"])
     assert bad.exit_code == 2 and "--tune momentum: no sweep here varies it (they vary lr, optimizer)" in bad.output
