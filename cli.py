@@ -942,6 +942,7 @@ def report(
         format_tuned,
         seed_table,
         sweep_comparison,
+        tunable,
         tuned_effects,
     )
 
@@ -981,7 +982,7 @@ def report(
                     ]
                 ],
             )
-        if tune in factors(meta["config"]):
+        if tunable(meta["config"], tune):
             tuned = format_tuned(tuned_effects(results, sweep_id, tune, equivalence), tune)
             keep = ["factor", "context", "level", f"best {tune} (val)", "n", "Δ test vs baseline", "verdict (test)"]
             _print_table(f"{meta['name']}: each at its own best {tune} (test decides)", tuned[keep])

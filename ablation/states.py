@@ -8,7 +8,6 @@ STOPPED_EARLY = "stopped_early"  # a run ended by early stopping (val loss not i
 FAILED = "failed"  # a run that raised an error
 DIVERGED = "diverged"  # a run whose train or val loss became NaN or infinite
 
-TERMINAL = (FINISHED, FAILED, DIVERGED, STOPPED, STOPPED_EARLY)  # runs that are over
 IN_FLIGHT = (PENDING, RUNNING)  # runs still to train
 COUNTED = (FINISHED, STOPPED_EARLY)  # runs whose metrics enter means; the rest are counted and shown
 BROKEN = (FAILED, DIVERGED)  # runs that ended without a result (`sweep retry` requeues them)

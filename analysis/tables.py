@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from ablation.metrics import (
     epochs_to,
     summary_name,
 )
-from ablation.states import BROKEN, COUNTED
+from ablation.states import COUNTED
 from analysis.results import Results, ResultsError
 from analysis.stats import (
     ALPHA,
@@ -225,14 +226,25 @@ def effects(
     return pd.DataFrame(rows)
 
 
+def tunable(sweep_config: dict[str, Any], tune: str | None) -> bool:
+    """Whether `--tune tune` applies to a sweep: it varies `tune` and at least one other factor to compare."""
+    swept = factors(sweep_config)
+    return tune in swept and len(swept) > 1
+
+
 def check_tune(results: Results, tune: str | None) -> None:
-    """A ConfigError unless `tune` is None or a factor of at least one of the sweeps (what --tune picks per level)."""
-    if tune is None or any(tune in factors(meta["config"]) for meta in results.sweeps.values()):
+    """A ConfigError unless `tune` is None or tunable() in at least one of the sweeps."""
+    if tune is None or any(tunable(meta["config"], tune) for meta in results.sweeps.values()):
         return
     varies = sorted({f for meta in results.sweeps.values() for f in factors(meta["config"])})
+    if tune in varies:
+        raise ConfigError(
+            f"--tune {tune}: no sweep here varies another factor to compare at its best {tune}; drop --tune"
+        )
+    if not varies:
+        raise ConfigError(f"--tune {tune}: these sweeps vary nothing but the seed; drop --tune")
     raise ConfigError(
-        f"--tune {tune}: no sweep here varies it (they vary {', '.join(varies) or 'nothing but the seed'}); "
-        f"pass one of those factors, or drop --tune"
+        f"--tune {tune}: no sweep here varies it (they vary {', '.join(varies)}); pass one, or drop --tune"
     )
 
 
@@ -241,18 +253,18 @@ def tuned_effects(
 ) -> pd.DataFrame:
     """effects() with `tune` picked per level (e.g. each optimiser at its own best lr): within each combination of
     the factors other than `tune` and the one compared, each level at the `tune` value with the highest mean val
-    accuracy (best_level: a failed or diverged seed disqualifies its cell). The pick used these runs' val, so the
+    accuracy (best_level: only cells whose runs all finished are eligible). The pick used these runs' val, so the
     val Δ is optimistic and the test verdict decides. Columns as effects(), plus `tune` (the pick) and `at_edge` (a
     numeric pick at the grid's smallest or largest value: the best may lie beyond it)."""
     config = results.sweeps[sweep_id]["config"]
-    if tune not in factors(config):
-        raise ConfigError(f"--tune {tune}: sweep {sweep_id} does not vary it; pass one of its factors, or drop --tune")
+    if not tunable(config, tune):
+        raise ConfigError(f"--tune {tune}: sweep {sweep_id} does not vary it and another factor; drop --tune")
     alpha = sweep_alpha(results.sweeps[sweep_id]) if alpha is None else alpha
     check(alpha, equivalence)
     runs = results.runs[results.runs["sweep_id"] == sweep_id]
     rows = []
     grid = levels(config, tune, runs)
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid)
+    numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in grid)  # numpy scalars too
     edges = (min(grid), max(grid)) if numeric else ()  # a pick there may have its best value beyond the grid
     for t in effect_tables(config, runs, skip=tune):
         picks = {level: best_level(t.block[t.block[t.factor] == level], tune) for level in t.shown}
@@ -265,11 +277,11 @@ def tuned_effects(
 
 
 def best_level(runs: pd.DataFrame, factor: str) -> Any:
-    """The level of `factor` with the highest mean val accuracy in `runs`, among levels none of whose runs failed or
-    diverged (all levels when every one has such a run)."""
+    """The level of `factor` with the highest mean val accuracy in `runs`, among levels whose runs all counted (a
+    failed, diverged, stopped or unfinished seed would leave a survivor's mean); all levels when none qualifies."""
     ok = counted(runs)
-    broken = set(runs.loc[runs["state"].isin(BROKEN), factor])
-    eligible = ok[~ok[factor].isin(broken)] if set(ok[factor]) - broken else ok
+    whole = [v for v, cell in runs.groupby(factor, sort=False) if cell["state"].isin(COUNTED).all()]
+    eligible = ok[ok[factor].isin(whole)] if whole else ok
     means = eligible.groupby(factor, sort=False)[BEST_VAL_ACC].mean()
     return means.idxmax() if means.notna().any() else runs[factor].iloc[0]
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from docblock import write_block  # benchmarks/docblock.py: this folder is on sys.path when run as a script
 
+from ablation.states import FINISHED
 from ablation.store import Store
 
 LRS = [0.01, 0.03, 0.1, 0.3]
@@ -105,7 +106,7 @@ def build(store: Store, n: int, extra: int) -> tuple[str, list[str]]:
         for epoch, values in enumerate(history):
             store.log_epoch(run_id, epoch, values)
         if run_id not in live:
-            store.finish(run_id, "finished", {"best/val_acc": max(h["val/acc"] for h in history)})
+            store.finish(run_id, FINISHED, {"best/val_acc": max(h["val/acc"] for h in history)})
     return sweep_id, running
 
 

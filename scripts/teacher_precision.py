@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from ablation.config import RunConfig
 from ablation.data import load_dataset, reachable_views
-from ablation.train import EVAL_BATCH, load_teacher, prepare, view_table
+from ablation.train import EVAL_BATCH, cpu_math, load_teacher, prepare, view_table
 
 
 def main(checkpoint: str, data_dir: str, threads: int = 2, views: int = 2) -> None:
-    torch.set_num_threads(threads)
+    cpu_math(threads)
     config = RunConfig(teacher=checkpoint, data_dir=data_dir, precision="fp32")
     dataset = load_dataset(config)
     train_b, val_b, _ = prepare(config, dataset, torch.device("cpu"))

@@ -368,3 +368,24 @@ def test_report_tune_option(optim: Path, tmp_path: Path) -> None:
     assert any("| best lr (val) |" in getattr(b, "text", "") for b in blocks)
     bad = runner.invoke(app, [*args, "--tune", "momentum"])
     assert bad.exit_code == 2 and "--tune momentum: no sweep here varies it (they vary lr, optimizer)" in bad.output
+
+
+def test_tune_needs_a_second_factor_to_compare() -> None:
+    from analysis.tables import check_tune
+
+    one = {"method": "grid", "parameters": {"lr": {"values": [0.01, 0.1]}, "seed": {"values": [0, 1]}}}
+    records = [
+        {
+            "id": f"l-{lr}-{s}",
+            "sweep_id": "lr",
+            "state": "finished",
+            "config": full_config({"lr": lr, "seed": s}),
+            "summary": {"best/val_acc": 60.0 + s, "test/acc": 59.0},
+            "history": [],
+        }
+        for lr in (0.01, 0.1)
+        for s in (0, 1)
+    ]
+    results = from_records(records, {"lr": {"name": "lr only", "backend": "local", "config": one}})
+    with pytest.raises(ConfigError, match="no sweep here varies another factor to compare at its best lr; drop --tune"):
+        check_tune(results, "lr")
