@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,6 +97,8 @@ def cpu_math(threads: int) -> None:
     # Filters whose gradient vanished decay into subnormal floats, which x86 CPUs compute ~20x slower: an RMSprop
     # lr-0.1 run reached 256 s an epoch instead of 11 s (optim sweep 97b6a3b8-087, epoch 13: 7 conv filters dead;
     # benchmarks/subnormal.py). Only values below 1.2e-38 change.
+    for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+        np.finfo(dtype)  # numpy caches these; first computed under the flush, they warn that subnormals are zero
     torch.set_flush_denormal(True)
 
 
