@@ -343,20 +343,24 @@ def sweep_create(
     ] = None,
 ) -> None:
     """Validate a sweep file and create the sweep; prints its id."""
-    from ablation.store import Store
+    from ablation.store import Store, store_location
     from ablation.sweep import grid_size, load_sweep_file, missing_teachers
     from ablation.tracking import wandb_logged_in
 
     config = load_sweep_file(file, parse_overrides(settings or []))
     if name:
         config = {**config, "name": name}
+    chosen = backend.value if backend != Backend.auto else ("wandb" if wandb_logged_in() else "local")
     missing = missing_teachers(config)
-    if missing:
+    # Agents on a SQLite store run here, so a missing teacher fails every run; a W&B or PostgreSQL sweep's agents may
+    # run on machines that hold the file where this one does not.
+    if missing and chosen == "local" and isinstance(store_location(), Path):
         fail(
             f"teacher {missing[0]} is not a file: every run would fail; give a teacher's best.pt, e.g. "
             f"`lenet sweep create {file} teacher=/abs/path/best.pt`"
         )
-    chosen = backend.value if backend != Backend.auto else ("wandb" if wandb_logged_in() else "local")
+    if missing:
+        err_console.print(f"note: teacher {missing[0]} is not a file here; every agent's machine needs it at that path")
     store = Store()
     if chosen == "wandb":
         sweep_id = _create_wandb_sweep(config, project, entity)

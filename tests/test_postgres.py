@@ -286,6 +286,17 @@ def test_processes_opening_a_new_database_at_once_create_the_schema_once(postgre
         assert store.sweeps() == []
 
 
+def test_a_shared_store_takes_a_teacher_this_machine_lacks(postgres_db: str) -> None:
+    # A PostgreSQL sweep's agents may run on other hosts: a teacher missing here is a note (on SQLite, a refusal).
+    result = lenet(
+        "sweep", "create", ROOT / "sweeps" / "distill.yaml", "--backend", "local", env={"LENET_STORE": postgres_db}
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: teacher /path/to/teachers/resnet20/RUN_ID/best.pt is not a file here" in result.output
+    with Store(postgres_db) as store:
+        assert len(store.sweeps()) == 1
+
+
 # ---- `lenet agent` on a PostgreSQL store, from several homes (standing in for hosts) ----
 
 
